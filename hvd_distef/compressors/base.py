@@ -1,0 +1,111 @@
+"""The compressor interface (SPEC §2), its registry, and the generic error-feedback step.
+
+A compressor maps a flat float32 vector with block boundaries to a ``Payload`` and back. Its
+payload layout must depend only on (numel, block_sizes), so every rank can decode raw bytes.
+Subclass ``Compressor``, set ``name``, and implement ``layout``, ``compress`` and ``decompress``;
+the class is then available by name to ``DistributedOptimizer(compression="yourname")``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import ClassVar, Dict, List, Optional, Sequence, Type
+
+import torch
+
+from .. import _kernels
+from ..payload import Layout, Payload
+
+REGISTRY: Dict[str, Type["Compressor"]] = {}
+
+
+class Compressor:
+    """Base class: stateless maps except for an optional random stream (see ``for_stream``)."""
+
+    name: ClassVar[str] = ""
+    #: whether blocks other than one-per-vector change what it computes (blocksign only)
+    uses_blocks: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            REGISTRY[cls.name] = cls
+
+    # --- what subclasses implement -------------------------------------------------------
+    def layout(self, numel: int, block_sizes: Sequence[int]) -> Layout:
+        """Field names, dtypes and counts of the payload for a vector of this shape."""
+        raise NotImplementedError
+
+    def compress(self, x: torch.Tensor, block_sizes: Optional[Sequence[int]] = None) -> Payload:
+        raise NotImplementedError
+
+    def decompress(self, payload: Payload) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- shared machinery ------------------------------------------------------------------
+    def blocks(self, tensor_sizes: Sequence[int]) -> List[int]:
+        """Block boundaries for a fused buffer of tensors with these sizes (default: one block)."""
+        return [sum(tensor_sizes)]
+
+    def compress_with_feedback(self, d: torch.Tensor, error: torch.Tensor, block_sizes: Sequence[int],
+                               segments: _kernels.Segments) -> Payload:
+        """One error-feedback step: p = d + r·e; Δ = C(p); e <- p - Δ (in place). Returns Δ's payload."""
+        p = _kernels.compensate(d, error, segments)
+        payload = self.compress(p, block_sizes)
+        torch.sub(p, self.decompress(payload), out=error)
+        return payload
+
+    def decompress_mean(self, payloads: Sequence[Payload]) -> torch.Tensor:
+        """(1/M)·Σ_i decompress(payload_i)."""
+        acc = self.decompress(payloads[0]).clone()
+        for p in payloads[1:]:
+            acc.add_(self.decompress(p))
+        return acc.div_(len(payloads))
+
+    def for_stream(self, stream: int) -> "Compressor":
+        """A copy for one role (a worker rank or the server) with its own random stream."""
+        clone = copy.deepcopy(self)
+        clone.stream = stream
+        return clone
+
+    def state_dict(self) -> dict:
+        """Whatever a resumed run needs to continue identically (random stream positions)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def config(self) -> dict:
+        """The options that define what this compressor computes (for fingerprints and logs)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "stream"}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def blocks_or_whole(x: torch.Tensor, block_sizes: Optional[Sequence[int]]) -> tuple:
+    """Validated block sizes for x: the given ones, or a single block."""
+    if block_sizes is None:
+        return (x.numel(),)
+    block_sizes = tuple(int(b) for b in block_sizes)
+    if sum(block_sizes) != x.numel() or any(b <= 0 for b in block_sizes):
+        raise ValueError(f"block_sizes must be positive and sum to the vector length {x.numel()}, "
+                         f"got {len(block_sizes)} blocks summing to {sum(block_sizes)}")
+    return block_sizes
+
+
+def check_flat(x: torch.Tensor) -> None:
+    if x.dim() != 1 or x.dtype != torch.float32:
+        raise ValueError(f"compressors take a flat float32 vector, got shape {tuple(x.shape)} dtype {x.dtype}")
+
+
+def get_compressor(spec) -> Compressor:
+    """Turn what a user typed (a name, a Compressor class or instance) into a Compressor instance."""
+    if isinstance(spec, Compressor):
+        return spec
+    if isinstance(spec, type) and issubclass(spec, Compressor):
+        return spec()
+    if isinstance(spec, str) and spec in REGISTRY:
+        return REGISTRY[spec]()
+    raise ValueError(f"unknown compression {spec!r}; choose one of {sorted(REGISTRY)} "
+                     f"or pass a hvd_distef.Compressor subclass")

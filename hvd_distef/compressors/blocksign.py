@@ -1,0 +1,107 @@
+"""Blockwise scaled sign, the paper's compressor (SPEC §2): C(x)_b = (||x_b||_1/d_b)·sign(x_b).
+
+Payload: B float32 scales, then d sign bits packed 8 per byte, i.e. ceil(d/8) + 4B bytes.
+Exact error per block: ||x_b||² − ||x_b||_1²/d_b, so δ = min_b ||x_b||_1²/(d_b·||x_b||²).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+from .. import _kernels
+from ..payload import Layout, Payload
+from .base import Compressor, blocks_or_whole, check_flat
+
+
+class BlockSign(Compressor):
+    """Scaled sign per block.
+
+    Blocks default to one per parameter tensor (the authors' CIFAR code). ``block_size`` splits
+    tensors into blocks of at most that many elements; ``bucket_mb`` instead merges consecutive
+    tensors into buckets of at most that many MiB of float32, one block each (their ImageNet code).
+    """
+
+    name = "blocksign"
+    uses_blocks = True
+
+    def __init__(self, block_size: Optional[int] = None, bucket_mb: Optional[float] = None):
+        if block_size is not None and (int(block_size) != block_size or block_size <= 0):
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if bucket_mb is not None and not bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be positive, got {bucket_mb!r}")
+        if block_size is not None and bucket_mb is not None:
+            raise ValueError("give block_size or bucket_mb, not both")
+        self.block_size = None if block_size is None else int(block_size)
+        self.bucket_mb = bucket_mb
+
+    def blocks(self, tensor_sizes: Sequence[int]) -> List[int]:
+        sizes = [int(s) for s in tensor_sizes if s > 0]
+        if self.block_size is not None:
+            b = self.block_size
+            return [min(b, s - i) for s in sizes for i in range(0, s, b)]
+        if self.bucket_mb is not None:
+            cap = max(1, int(self.bucket_mb * 2**20 // 4))
+            buckets: List[int] = []
+            for s in sizes:
+                if buckets and buckets[-1] + s <= cap:
+                    buckets[-1] += s
+                else:
+                    buckets.append(s)
+            return buckets
+        return sizes
+
+    def layout(self, numel: int, block_sizes: Sequence[int]) -> Layout:
+        nblocks = len(block_sizes) if numel else 0
+        return (("scales", torch.float32, nblocks), ("bits", torch.uint8, math.ceil(numel / 8)))
+
+    def _payload(self, numel, block_sizes, scales, bits) -> Payload:
+        return Payload(numel, block_sizes, {"scales": scales, "bits": bits})
+
+    def compress(self, x: torch.Tensor, block_sizes: Optional[Sequence[int]] = None) -> Payload:
+        check_flat(x)
+        if x.numel() == 0:
+            return self._empty(x)
+        block_sizes = blocks_or_whole(x, block_sizes)
+        scales, bits = _kernels.blocksign_compress(x, block_sizes)
+        return self._payload(x.numel(), block_sizes, scales, bits)
+
+    def decompress(self, payload: Payload) -> torch.Tensor:
+        if payload.numel == 0:
+            return torch.zeros(0, device=payload["bits"].device)
+        return _kernels.blocksign_decompress(payload["scales"], payload["bits"], payload.block_sizes,
+                                             payload.numel)
+
+    def compress_with_feedback(self, d, error, block_sizes, segments) -> Payload:
+        if d.numel() == 0:
+            return self._empty(d)
+        scales, bits = _kernels.blocksign_feedback(d, error, block_sizes, segments)
+        return self._payload(d.numel(), block_sizes, scales, bits)
+
+    def decompress_mean(self, payloads: Sequence[Payload]) -> torch.Tensor:
+        first = payloads[0]
+        if first.numel == 0:
+            return self.decompress(first)
+        return _kernels.blocksign_decompress_mean([p["scales"] for p in payloads], [p["bits"] for p in payloads],
+                                                  first.block_sizes, first.numel)
+
+    def _empty(self, x: torch.Tensor) -> Payload:
+        return self._payload(0, (), x.new_zeros(0), torch.zeros(0, dtype=torch.uint8, device=x.device))
+
+
+class Sign(BlockSign):
+    """Scaled sign with one block over the whole fused buffer (the non-block dist-EF-SGD)."""
+
+    name = "sign"
+    uses_blocks = False
+
+    def __init__(self):
+        super().__init__()
+
+    def blocks(self, tensor_sizes: Sequence[int]) -> List[int]:
+        total = sum(tensor_sizes)
+        return [total] if total else []
+
+    def config(self) -> dict:
+        return {}

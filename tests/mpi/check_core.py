@@ -1,0 +1,206 @@
+"""Multi-rank checks of SPEC §1 for `ps` and of the `allreduce` baseline (run under mpirun by pytest)."""
+import math
+
+import torch
+
+import reference
+from common import (COMM, assert_identical_across_ranks, flat, grads_at, hypers_of, loss_of, make_model, roundtrip,
+                    sgd_two_groups, train_step, wrap)
+from harness import run
+
+import hvd_distef
+
+RANK, M = COMM.rank, COMM.size
+STEPS, MILESTONES = 20, [7, 14]  # two LR drops
+
+
+def _against_reference(compression, ref_compress, momentum=0.9, nesterov=True, weight_decay=5e-4, tol=2e-6):
+    model = make_model()
+    opt = wrap(model, sgd_two_groups(model, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
+               compression=compression, topology="ps")
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, MILESTONES, gamma=0.1)
+    ref = reference.ReferenceDistEF(list(model.parameters()), hypers_of(opt), M, ref_compress)
+    worst = 0.0
+    for t in range(STEPS):
+        lrs = {gi: g["lr"] for gi, g in enumerate(opt.param_groups)}
+        ref.step([grads_at(ref.x, i, t) for i in range(M)], lrs)
+        train_step(model, opt, RANK, t)
+        sched.step()
+        assert_identical_across_ranks(model.parameters(), f"after step {t}")
+        diff = (flat(model.parameters()) - flat(ref.x)).abs().max().item()
+        worst = max(worst, diff)
+        assert diff <= tol, f"step {t}: max |x - x_ref| = {diff:.3g} > {tol}"
+    return f"max |x - x_ref| over {STEPS} steps = {worst:.3g}"
+
+
+def ps_blocksign_nesterov_matches_reference():
+    return _against_reference("blocksign", reference.blocksign_per_tensor)
+
+
+def ps_blocksign_heavy_ball_matches_reference():
+    return _against_reference(hvd_distef.Compression.blocksign, reference.blocksign_per_tensor, nesterov=False)
+
+
+def ps_sign_no_momentum_matches_reference():
+    return _against_reference(hvd_distef.Compression.sign(), reference.sign_whole, momentum=0.0, nesterov=False,
+                              weight_decay=0.0)
+
+
+def ps_none_matches_reference():
+    return _against_reference("none", reference.identity)
+
+
+def virtual_iterate_identity():
+    """x̃_t = x_t − η_{t−1}(ẽ_t + ē_t) obeys x̃_{t+1} = x̃_t − η_t·d̄_t across LR changes (SPEC §1, λ = 0)."""
+    model = make_model()
+    opt = wrap(model, sgd_two_groups(model, weight_decay=0.0), compression="blocksign", topology="ps")
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, MILESTONES, gamma=0.1)
+    lr_of = torch.cat([torch.full((p.numel(),), g["lr"], dtype=torch.float64)
+                       for g in opt.param_groups for p in g["params"]])
+
+    def virtual(prev_lr):
+        state = opt.state_dict()["distef"]
+        server = state["topology"].get("server_error")
+        server = COMM.bcast(server, root=0).double()
+        mean_e = torch.from_numpy(COMM.allreduce(state["worker_error"].double().numpy())) / M
+        return flat(model.parameters()).double() - prev_lr * (server + mean_e)
+
+    prev_lr = torch.zeros_like(lr_of)
+    worst = 0.0
+    for t in range(STEPS):
+        x_virtual = virtual(prev_lr)
+        lr_now = torch.cat([torch.full((p.numel(),), g["lr"], dtype=torch.float64)
+                            for g in opt.param_groups for p in g["params"]])
+        opt.zero_grad()
+        loss_of(model, RANK, t).backward()
+        g = flat([p.grad for p in model.parameters()]).double()
+        opt.step()
+        m = opt.state_dict()["distef"]["momentum"].double()
+        d_mean = torch.from_numpy(COMM.allreduce((0.9 * m + g).numpy())) / M  # nesterov, μ = 0.9
+        gap = (virtual(lr_now) - (x_virtual - lr_now * d_mean)).abs().max().item()
+        worst = max(worst, gap)
+        assert gap < 2e-6, f"step {t}: virtual iterate off by {gap:.3g}"
+        prev_lr = lr_now
+        sched.step()
+    return f"max deviation {worst:.3g}"
+
+
+def allreduce_matches_torch_sgd():
+    """`allreduce` + none is torch's SGD on the mean gradient (stock allreduce SGDM)."""
+    model, ref_model = make_model(), make_model()
+    opt = wrap(model, sgd_two_groups(model), compression="none", topology="allreduce")
+    ref_opt = sgd_two_groups(ref_model)
+    scheds = [torch.optim.lr_scheduler.MultiStepLR(o, MILESTONES, gamma=0.1) for o in (opt, ref_opt)]
+    for t in range(STEPS):
+        train_step(model, opt, RANK, t)
+        grads = [grads_at(list(ref_model.parameters()), i, t) for i in range(M)]
+        for j, p in enumerate(ref_model.parameters()):
+            p.grad = sum(g[j] for g in grads) / M
+        ref_opt.step()
+        for s in scheds:
+            s.step()
+        assert_identical_across_ranks(model.parameters())
+        diff = (flat(model.parameters()) - flat(ref_model.parameters())).abs().max().item()
+        assert diff < 1e-6, f"step {t}: {diff}"
+    return "ok"
+
+
+def _resume_equals_uninterrupted(**kw):
+    def run_from(start_state, steps):
+        model = make_model()
+        opt = wrap(model, sgd_two_groups(model), **kw)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [3, 8], gamma=0.1)
+        first = 0
+        if start_state is not None:
+            model.load_state_dict(start_state["model"])
+            opt.load_state_dict(start_state["opt"])
+            sched.load_state_dict(start_state["sched"])
+            first = start_state["step"]
+        saved = None
+        for t in range(first, steps):
+            if t == 6:
+                saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict(),
+                                   "sched": sched.state_dict(), "step": t})
+            train_step(model, opt, RANK, t)
+            sched.step()
+        return flat(model.parameters()), opt.state_dict(), saved
+
+    full, full_state, saved = run_from(None, 12)
+    resumed, resumed_state, _ = run_from(saved, 12)
+    assert torch.equal(full, resumed), f"resumed run differs by {(full - resumed).abs().max().item():.3g}"
+    for key in ("momentum", "worker_error", "weight_decay_buffer"):
+        a, b = full_state["distef"][key], resumed_state["distef"][key]
+        assert (a is None and b is None) or torch.equal(a, b), key
+    a, b = full_state["distef"]["topology"], resumed_state["distef"]["topology"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return "bitwise equal"
+
+
+def resume_ps_blocksign():
+    return _resume_equals_uninterrupted(compression="blocksign", topology="ps")
+
+
+def resume_ps_randomk():
+    return _resume_equals_uninterrupted(compression=hvd_distef.Compression.randomk(ratio=0.3), topology="ps")
+
+
+def resume_allreduce():
+    return _resume_equals_uninterrupted(compression="none", topology="allreduce")
+
+
+def comm_stats_match_formulas():
+    T = 5
+    out = []
+    for topology, compression in (("ps", "blocksign"), ("allreduce", "none")):
+        model = make_model()
+        opt = wrap(model, sgd_two_groups(model), compression=compression, topology=topology)
+        for t in range(T):
+            train_step(model, opt, RANK, t)
+        d = sum(p.numel() for p in model.parameters())
+        stats = opt.comm_stats()
+        if topology == "ps":
+            s = math.ceil(d / 8) + 4 * 4  # 4 tensors, one block each
+            expect = (M - 1) * s * T if RANK == 0 else s * T
+            assert stats["bytes_sent"] == expect and stats["bytes_received"] == expect, (stats, expect)
+        else:
+            expect = 2 * (M - 1) / M * 4 * d * T
+            assert math.isclose(stats["bytes_sent"], expect) and math.isclose(stats["bytes_received"], expect)
+        assert stats["steps"] == T
+        out.append(f"{topology}: {stats}")
+    return "; ".join(out)
+
+
+def backward_passes_average():
+    """backward_passes_per_step=2 uses the mean of the two accumulated gradients."""
+    a, b = make_model(), make_model()
+    opt_a = wrap(a, sgd_two_groups(a), compression="blocksign", backward_passes_per_step=2)
+    opt_b = wrap(b, sgd_two_groups(b), compression="blocksign")
+    for t in range(4):
+        opt_a.zero_grad()
+        loss_of(a, RANK, 2 * t).backward()
+        loss_of(a, RANK, 2 * t + 1).backward()
+        opt_a.step()
+        opt_b.zero_grad()
+        ((loss_of(b, RANK, 2 * t) + loss_of(b, RANK, 2 * t + 1)) / 2).backward()
+        opt_b.step()
+    diff = (flat(a.parameters()) - flat(b.parameters())).abs().max().item()
+    assert diff < 1e-6, diff
+    opt_a.zero_grad()
+    for k in range(3):
+        loss_of(a, RANK, k).backward()
+    try:
+        opt_a.step()
+    except ValueError as exc:
+        assert "backward_passes_per_step=2" in str(exc)
+        return f"diff {diff:.3g}; too many passes: {exc}"
+    raise AssertionError("three backward passes with backward_passes_per_step=2 did not raise")
+
+
+CASES = {f.__name__: f for f in [
+    ps_blocksign_nesterov_matches_reference, ps_blocksign_heavy_ball_matches_reference,
+    ps_sign_no_momentum_matches_reference, ps_none_matches_reference, virtual_iterate_identity,
+    allreduce_matches_torch_sgd, resume_ps_blocksign, resume_ps_randomk, resume_allreduce,
+    comm_stats_match_formulas, backward_passes_average]}
+
+if __name__ == "__main__":
+    run(CASES)

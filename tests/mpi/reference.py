@@ -1,0 +1,67 @@
+"""SPEC §1 simulated in one process for M workers, one tensor at a time, written apart from
+hvd_distef so that tests compare two independent implementations of the algorithm."""
+from typing import Callable, List, Sequence
+
+import torch
+
+Tensors = List[torch.Tensor]
+
+
+def blocksign_per_tensor(ps: Tensors) -> Tensors:
+    """C(p) with one block per tensor: (||p||_1/d)·sign(p), sign(0) = +1."""
+    return [p.abs().sum() / p.numel() * torch.where(p >= 0, 1.0, -1.0) for p in ps]
+
+
+def identity(ps: Tensors) -> Tensors:
+    return [p.clone() for p in ps]
+
+
+def sign_whole(ps: Tensors) -> Tensors:
+    flat = torch.cat([p.reshape(-1) for p in ps])
+    out = flat.abs().sum() / flat.numel() * torch.where(flat >= 0, 1.0, -1.0)
+    return [o.view_as(p) for o, p in zip(out.split([p.numel() for p in ps]), ps)]
+
+
+class ReferenceDistEF:
+    """Parameters, worker momenta m_i, worker errors e_i, server error ẽ, weight-decay buffer w."""
+
+    def __init__(self, params: Tensors, hypers: Sequence[dict], workers: int, compress: Callable[[Tensors], Tensors]):
+        self.x = [p.detach().clone() for p in params]
+        self.hypers = list(hypers)  # per tensor: momentum, nesterov, weight_decay, group
+        self.M = workers
+        self.compress = compress
+        zeros = lambda: [torch.zeros_like(p) for p in self.x]  # noqa: E731
+        self.m = [zeros() for _ in range(workers)]
+        self.e = [zeros() for _ in range(workers)]
+        self.server_e = zeros()
+        self.w = zeros()
+        self.prev_lr = {}
+
+    def step(self, worker_grads: List[Tensors], group_lrs: dict) -> None:
+        lr = [group_lrs[h["group"]] for h in self.hypers]
+        ratio = [self.prev_lr.get(h["group"], 0.0) / group_lrs[h["group"]] for h in self.hypers]
+        deltas = []
+        for i in range(self.M):
+            ps = []
+            for j, g in enumerate(worker_grads[i]):
+                mu = self.hypers[j]["momentum"]
+                self.m[i][j] = mu * self.m[i][j] + g
+                d = mu * self.m[i][j] + g if self.hypers[j]["nesterov"] else self.m[i][j]
+                ps.append(d + ratio[j] * self.e[i][j])
+            delta = self.compress(ps)
+            self.e[i] = [p - dl for p, dl in zip(ps, delta)]
+            deltas.append(delta)
+        server_p = []
+        for j in range(len(self.x)):
+            total = deltas[0][j]
+            for i in range(1, self.M):
+                total = total + deltas[i][j]
+            server_p.append(total / self.M + ratio[j] * self.server_e[j])
+        server_delta = self.compress(server_p)
+        self.server_e = [p - dl for p, dl in zip(server_p, server_delta)]
+        for j, h in enumerate(self.hypers):
+            mu, wd = h["momentum"], h["weight_decay"]
+            self.w[j] = mu * self.w[j] + wd * self.x[j]
+            u = server_delta[j] + mu * self.w[j] + wd * self.x[j] if h["nesterov"] else server_delta[j] + self.w[j]
+            self.x[j] = self.x[j] - lr[j] * u
+        self.prev_lr = dict(group_lrs)
