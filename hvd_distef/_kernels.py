@@ -20,25 +20,35 @@ def _weights(device: torch.device) -> torch.Tensor:
     return _BIT_WEIGHTS[device]
 
 
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool vector into ceil(n/8) bytes, element i -> bit i%8 of byte i//8."""
+    n = mask.numel()
+    bits = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8, device=mask.device)
+    bits[:n] = mask
+    return (bits.view(-1, 8) * _weights(mask.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: a bool vector of ``numel`` elements."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits.unsqueeze(1) >> shifts) & 1).reshape(-1)[:numel].bool()
+
+
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
-    """Pack ``x >= 0`` (sign(0) = +1) into ceil(n/8) bytes, element i -> bit i%8 of byte i//8."""
-    n = x.numel()
-    bits = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8, device=x.device)
-    torch.ge(x, 0, out=bits[:n].view(torch.bool))
-    return (bits.view(-1, 8) * _weights(x.device)).sum(1, dtype=torch.uint8)
+    """Pack sign(x) with sign(0) = +1 (also for -0.0): bit set where x >= 0."""
+    return pack_bits(x >= 0)
 
 
 def unpack_signs(bits: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of ``pack_signs`` as float32 +-1."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    b = (bits.unsqueeze(1) >> shifts) & 1
-    return b.reshape(-1)[:numel].to(torch.float32).mul_(2).sub_(1)
+    return unpack_bits(bits, numel).to(torch.float32).mul_(2).sub_(1)
 
 
 def block_l1(x: torch.Tensor, block_sizes: Sequence[int]) -> torch.Tensor:
-    """||x_b||_1 for each contiguous block, float32 [B]."""
-    if len(block_sizes) == 1:
-        return x.abs().sum().reshape(1)
+    """||x_b||_1 for each contiguous block, float32 [B]; one reduction kernel whatever B is, so that
+    a block gives the same bits whether it is compressed alone or with others."""
+    if not block_sizes:
+        return x.new_zeros(0)
     return torch.stack(torch._foreach_norm(list(x.split(list(block_sizes))), 1))
 
 

@@ -65,6 +65,20 @@ class Comm:
         self.mpi.Allgatherv(_np(send), [_np(recv), counts])
         return recv
 
+    def send(self, buf: torch.Tensor, dest: int) -> None:
+        self.mpi.Send(_np(buf), dest=dest)
+
+    def recv(self, nbytes: int, source: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        self.mpi.Recv(_np(buf), source=source)
+        return buf
+
+    def sendrecv(self, buf: torch.Tensor, dest: int, nbytes: int, source: int) -> torch.Tensor:
+        """Send ``buf`` to ``dest`` while receiving ``nbytes`` from ``source`` (no deadlock in a ring)."""
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        self.mpi.Sendrecv(_np(buf), dest=dest, recvbuf=_np(out), source=source)
+        return out
+
     # --- small control messages -----------------------------------------------------------------
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on some rank."""

@@ -6,7 +6,7 @@ the gradient), compresses, and keeps what the compressor did not send.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, NamedTuple, Sequence, Tuple
 
 import torch
 
@@ -14,6 +14,18 @@ from .compressors import Compressor
 from .payload import Payload
 
 Segments = List[Tuple[int, int, float]]
+
+
+class Shard(NamedTuple):
+    """A contiguous slice of the fused buffer that is compressed and sent as one payload."""
+
+    start: int
+    stop: int
+    block_sizes: Tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
 
 
 def lr_ratio_segments(group_bounds: Sequence[Tuple[int, int]], prev_lrs: Sequence[float],
@@ -44,10 +56,12 @@ class ErrorMemory:
     def __init__(self, numel: int, device: torch.device | str = "cpu"):
         self.error = torch.zeros(numel, dtype=torch.float32, device=device)
 
-    def step(self, compressor: Compressor, d: torch.Tensor, block_sizes: Sequence[int],
-             segments: Segments) -> Payload:
-        """p = d + (η_{t-1}/η_t)·e;  Δ = C(p);  e <- p − Δ.  Returns Δ's payload."""
-        return compressor.compress_with_feedback(d, self.error, block_sizes, segments)
+    def step(self, compressor: Compressor, d: torch.Tensor, segments: Segments,
+             shards: Sequence[Shard]) -> List[Payload]:
+        """p = d + (η_{t-1}/η_t)·e;  Δ = C(p);  e <- p − Δ, one payload per shard of d."""
+        return [compressor.compress_with_feedback(d[s.start:s.stop], self.error[s.start:s.stop], s.block_sizes,
+                                                  window(segments, s.start, s.stop))
+                for s in shards]
 
     def state_dict(self) -> torch.Tensor:
         return self.error.clone()

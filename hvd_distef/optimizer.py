@@ -8,6 +8,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from . import _kernels
 from .comm import Comm
 from .compressors import Compression, get_compressor
 from .error_feedback import ErrorMemory, lr_ratio_segments
@@ -70,19 +71,19 @@ class DistributedOptimizer(torch.optim.SGD):
         self._group_bounds = self._bounds([sum(p.numel() for p in g["params"]) for g in self.param_groups])
         self.numel = sum(self._sizes)
         self.device = self._params[0].device if self._params else torch.device("cpu")
-        self.block_sizes = self.compressor.blocks(self._sizes)
 
         self.comm = Comm(comm)
         self._topology_name = topology
         self._check_ranks_agree()
-        self.topology = topology_cls(self.comm, self.compressor, self.numel, self.block_sizes, self.device)
+        self.topology = topology_cls(self.comm, self.compressor, self._sizes, self.device)
+        self.block_sizes = self.topology.block_sizes
         self._worker_compressor = self.compressor.for_stream(self.comm.rank)
+        rule = topology_cls.update_rule
         self._update: Callable[[torch.Tensor], None] = {
-            "ef": self._ef_step, "sgd": self._sgd_step}[topology_cls.update_rule]
+            "ef": self._ef_step, "sgd": self._sgd_step, "signum": self._signum_step}[rule]
 
         zeros = lambda: torch.zeros(self.numel, dtype=torch.float32, device=self.device)  # noqa: E731
-        rule = topology_cls.update_rule
-        self._momentum = zeros() if rule == "ef" and self._any("momentum") else None
+        self._momentum = zeros() if rule in ("ef", "signum") and self._any("momentum") else None
         self._wd_buffer = zeros() if rule == "ef" and self._any("weight_decay") else None
         self._worker_memory = ErrorMemory(self.numel, self.device) if rule == "ef" else None
         self._prev_lrs = [0.0] * len(self.param_groups)
@@ -224,8 +225,8 @@ class DistributedOptimizer(torch.optim.SGD):
         """SPEC §1: worker momentum and error feedback, the topology's exchange, the update."""
         segments = lr_ratio_segments(self._group_bounds, self._prev_lrs, [g["lr"] for g in self.param_groups])
         d = self._nesterov_direction(grad)
-        payload = self._worker_memory.step(self._worker_compressor, d, self.block_sizes, segments)
-        delta = self.topology.exchange(payload, segments)
+        payloads = self._worker_memory.step(self._worker_compressor, d, segments, self.topology.shards)
+        delta = self.topology.exchange(payloads, segments)
         self._apply(delta)
 
     def _nesterov_direction(self, grad: torch.Tensor) -> torch.Tensor:
@@ -268,6 +269,22 @@ class DistributedOptimizer(torch.optim.SGD):
             views.append(flat[start:start + p.numel()].view_as(p))
             start += p.numel()
         return views
+
+    def _signum_step(self, grad: torch.Tensor) -> None:
+        """Signum with majority vote: m = μ·m + (1−μ)·g; vote = sign(Σ sign(m_i)); x = x − η·(vote + λ·x)."""
+        for (start, stop), group in zip(self._group_bounds, self.param_groups):
+            mu = group["momentum"]
+            if mu != 0:
+                m = self._momentum[start:stop]
+                grad[start:stop] = m.mul_(mu).add_(torch.mul(grad[start:stop], 1 - mu))
+        vote = self.topology.exchange(_kernels.pack_signs(grad))
+        for (start, _), group in zip(self._group_bounds, self.param_groups):
+            params = group["params"]
+            u = self._views(vote, start, params)
+            if group["weight_decay"] != 0:
+                torch._foreach_add_(u, torch._foreach_mul(params, group["weight_decay"]))
+            if params:
+                torch._foreach_sub_(params, torch._foreach_mul(u, group["lr"]))
 
     def _sgd_step(self, grad: torch.Tensor) -> None:
         """Stock SGDM: the topology averages the gradient, then torch's own SGD update runs."""

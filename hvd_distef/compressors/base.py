@@ -44,7 +44,8 @@ class Compressor:
     # --- shared machinery ------------------------------------------------------------------
     def blocks(self, tensor_sizes: Sequence[int]) -> List[int]:
         """Block boundaries for a fused buffer of tensors with these sizes (default: one block)."""
-        return [sum(tensor_sizes)]
+        total = sum(tensor_sizes)
+        return [total] if total else []
 
     def compress_with_feedback(self, d: torch.Tensor, error: torch.Tensor, block_sizes: Sequence[int],
                                segments: _kernels.Segments) -> Payload:
@@ -86,7 +87,7 @@ class Compressor:
 def blocks_or_whole(x: torch.Tensor, block_sizes: Optional[Sequence[int]]) -> tuple:
     """Validated block sizes for x: the given ones, or a single block."""
     if block_sizes is None:
-        return (x.numel(),)
+        return (x.numel(),) if x.numel() else ()
     block_sizes = tuple(int(b) for b in block_sizes)
     if sum(block_sizes) != x.numel() or any(b <= 0 for b in block_sizes):
         raise ValueError(f"block_sizes must be positive and sum to the vector length {x.numel()}, "

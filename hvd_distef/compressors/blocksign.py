@@ -100,8 +100,7 @@ class Sign(BlockSign):
         super().__init__()
 
     def blocks(self, tensor_sizes: Sequence[int]) -> List[int]:
-        total = sum(tensor_sizes)
-        return [total] if total else []
+        return Compressor.blocks(self, tensor_sizes)
 
     def config(self) -> dict:
         return {}

@@ -15,13 +15,15 @@ class Allreduce(Topology):
     name = "allreduce"
     update_rule = "sgd"
 
-    def __init__(self, comm, compressor, numel, block_sizes, device="cpu"):
+    def __init__(self, comm, compressor, tensor_sizes, device="cpu"):
         if compressor.name not in ("none", "fp16"):
             raise ValueError(f"topology 'allreduce' sums dense vectors and cannot carry "
                              f"{compressor.name!r} payloads; use compression none or fp16, or a "
                              f"compressed topology such as 'ps'")
-        super().__init__(comm, compressor, numel, block_sizes, device)
+        super().__init__(comm, compressor, tensor_sizes, device)
         import horovod.torch as hvd
+        if not hvd.is_initialized():
+            raise ValueError("topology 'allreduce' runs Horovod's allreduce: call hvd.init() first")
         self.hvd = hvd
         self.wire_dtype = torch.float16 if compressor.name == "fp16" else torch.float32
 

@@ -1,19 +1,23 @@
 """The topology interface (SPEC §3): how the workers' Δ_i reach the server role and Δ̃ comes back.
 
-Error-feedback topologies implement ``exchange(payload, segments) -> Δ̃`` and run the server
-step of SPEC §1 where their server role lives. Baselines that replace the update rule say so in
-``update_rule`` ("sgd" for stock allreduce SGDM, "signum" for majority vote) and exchange
-whatever that rule needs.
+Error-feedback topologies cut the fused buffer into ``shards`` (one, or one per rank), receive the
+worker's payload for each, run the server step of SPEC §1 where their server role lives, and
+return Δ̃. Baselines that replace the update rule say so in ``update_rule`` ("sgd" for stock
+allreduce SGDM, "signum" for majority vote) and exchange what that rule needs.
+
+Byte counters count what this rank puts on and takes off the wire under the topology's
+algorithm; collectives are counted as the point-to-point messages they are built from
+(gather, broadcast and allgather as flat trees).
 """
 from __future__ import annotations
 
-from typing import ClassVar, Dict, List, Sequence, Type
+from typing import ClassVar, Dict, List, Optional, Sequence, Type
 
 import torch
 
 from ..comm import Comm
 from ..compressors import Compressor
-from ..error_feedback import Segments
+from ..error_feedback import ErrorMemory, Segments, Shard, window
 from ..payload import Payload, layout_nbytes
 
 REGISTRY: Dict[str, Type["Topology"]] = {}
@@ -21,7 +25,7 @@ REGISTRY: Dict[str, Type["Topology"]] = {}
 
 class Topology:
     name: ClassVar[str] = ""
-    #: which update the optimizer applies to the exchanged vector: "ef" (SPEC §1), "sgd", "signum"
+    #: which update the optimizer applies to what ``exchange`` returns: "ef" (SPEC §1), "sgd", "signum"
     update_rule: ClassVar[str] = "ef"
 
     def __init_subclass__(cls, **kwargs):
@@ -29,36 +33,78 @@ class Topology:
         if cls.name:
             REGISTRY[cls.name] = cls
 
-    def __init__(self, comm: Comm, compressor: Compressor, numel: int, block_sizes: Sequence[int],
+    def __init__(self, comm: Comm, compressor: Compressor, tensor_sizes: Sequence[int],
                  device: torch.device | str = "cpu"):
         self.comm = comm
-        self.numel = numel
-        self.block_sizes = tuple(block_sizes)
         self.device = torch.device(device)
         # The server role compresses with its own copy (its own random stream, SPEC §2).
         self.compressor = compressor.for_stream(-1)
-        self.layout = compressor.layout(numel, self.block_sizes)
-        self.payload_nbytes = layout_nbytes(self.layout)
+        self.numel = sum(tensor_sizes)
+        self.block_sizes = tuple(compressor.blocks(tensor_sizes))
+        self.shards: List[Shard] = self.make_shards(tensor_sizes)
+        self.layouts = [compressor.layout(s.numel, s.block_sizes) for s in self.shards]
+        self.nbytes = [layout_nbytes(layout) for layout in self.layouts]
+        self.server_memory: Optional[ErrorMemory] = None  # set where this rank holds a server error
 
-    def exchange(self, payload: Payload, segments: Segments) -> torch.Tensor:
-        """Send this worker's Δ_i; return Δ̃ (decompressed), bit-identical on every rank."""
+    def make_shards(self, tensor_sizes: Sequence[int]) -> List[Shard]:
+        """How a worker's vector is cut into payloads: one shard by default."""
+        return [Shard(0, self.numel, self.block_sizes)]
+
+    def split_shards(self, tensor_sizes: Sequence[int], parts: int) -> List[Shard]:
+        """``parts`` contiguous shards of about equal size that keep the compressor's blocks whole.
+
+        Shards cut between blocks; for compressors without blocks, between tensors, and each shard
+        is then compressed on its own (e.g. one sign scale per shard).
+        """
+        units = list(self.block_sizes) if self.compressor.uses_blocks else [n for n in tensor_sizes if n > 0]
+        members: List[List[int]] = [[] for _ in range(parts)]
+        offset = 0
+        for n in units:
+            # a unit goes to the shard where its midpoint falls
+            members[min(parts - 1, (2 * offset + n) * parts // (2 * max(self.numel, 1)))].append(n)
+            offset += n
+        shards, start = [], 0
+        for units_j in members:
+            size = sum(units_j)
+            shards.append(Shard(start, start + size, tuple(self.compressor.blocks(units_j))))
+            start += size
+        return shards
+
+    def exchange(self, payloads: List[Payload], segments: Segments) -> torch.Tensor:
+        """Send this worker's Δ_i (one payload per shard); return Δ̃, bit-identical on every rank."""
         raise NotImplementedError
 
-    def decode(self, buf: torch.Tensor) -> Payload:
-        """A full-vector payload from its wire bytes."""
-        return Payload.from_bytes(buf, self.layout, self.numel, self.block_sizes, self.device)
+    # --- shared pieces -------------------------------------------------------------------------
+    def decode(self, buf: torch.Tensor, shard: int = 0) -> Payload:
+        """A shard's payload from its wire bytes."""
+        s = self.shards[shard]
+        return Payload.from_bytes(buf, self.layouts[shard], s.numel, s.block_sizes, self.device)
 
-    def decode_many(self, buf: torch.Tensor) -> List[Payload]:
-        """Equal-size payloads concatenated on the wire, in rank order."""
-        return [self.decode(chunk) for chunk in buf.split(self.payload_nbytes)]
+    def decode_many(self, buf: torch.Tensor, shard: int = 0) -> List[Payload]:
+        """Equal-size payloads of one shard concatenated on the wire, in rank order."""
+        n = self.nbytes[shard]
+        return [self.decode(buf[i * n:(i + 1) * n], shard) for i in range(buf.numel() // n if n else self.comm.size)]
+
+    def server_compress(self, mean: torch.Tensor, segments: Segments, shard: int = 0) -> Payload:
+        """SPEC §1, server: p̃ = mean + (η_{t-1}/η_t)·ẽ;  Δ̃ = C(p̃);  ẽ <- p̃ − Δ̃, on one shard."""
+        s = self.shards[shard]
+        return self.server_memory.step(self.compressor, mean, window(segments, s.start, s.stop),
+                                       [Shard(0, s.numel, s.block_sizes)])[0]
 
     def state_dict(self) -> dict:
-        """Server-side state held on this rank (the server error where it lives here)."""
-        return {}
+        """The server error where this rank holds one."""
+        return {} if self.server_memory is None else {"server_error": self.server_memory.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state:
-            raise ValueError(f"topology {self.name!r} holds no state, the checkpoint has {sorted(state)}")
+        if self.server_memory is None:
+            if state.get("server_error") is not None:
+                raise ValueError(f"rank {self.comm.rank} holds no server error under {self.name!r}, but the "
+                                 f"checkpoint gives it one: it comes from another topology or rank")
+            return
+        if state.get("server_error") is None:
+            raise ValueError(f"the checkpoint has no server error for rank {self.comm.rank} under {self.name!r}: "
+                             f"it comes from another topology or rank")
+        self.server_memory.load_state_dict(state["server_error"])
 
 
 def get_topology(name: str) -> Type[Topology]:

@@ -25,11 +25,13 @@ def sign_whole(ps: Tensors) -> Tensors:
 class ReferenceDistEF:
     """Parameters, worker momenta m_i, worker errors e_i, server error ẽ, weight-decay buffer w."""
 
-    def __init__(self, params: Tensors, hypers: Sequence[dict], workers: int, compress: Callable[[Tensors], Tensors]):
+    def __init__(self, params: Tensors, hypers: Sequence[dict], workers: int, compress: Callable[[Tensors], Tensors],
+                 two_way: bool = True):
         self.x = [p.detach().clone() for p in params]
         self.hypers = list(hypers)  # per tensor: momentum, nesterov, weight_decay, group
         self.M = workers
         self.compress = compress
+        self.two_way = two_way  # False: one-way EF, the server averages and sends uncompressed
         zeros = lambda: [torch.zeros_like(p) for p in self.x]  # noqa: E731
         self.m = [zeros() for _ in range(workers)]
         self.e = [zeros() for _ in range(workers)]
@@ -57,11 +59,33 @@ class ReferenceDistEF:
             for i in range(1, self.M):
                 total = total + deltas[i][j]
             server_p.append(total / self.M + ratio[j] * self.server_e[j])
-        server_delta = self.compress(server_p)
-        self.server_e = [p - dl for p, dl in zip(server_p, server_delta)]
+        if self.two_way:
+            server_delta = self.compress(server_p)
+            self.server_e = [p - dl for p, dl in zip(server_p, server_delta)]
+        else:
+            server_delta = server_p
         for j, h in enumerate(self.hypers):
             mu, wd = h["momentum"], h["weight_decay"]
             self.w[j] = mu * self.w[j] + wd * self.x[j]
             u = server_delta[j] + mu * self.w[j] + wd * self.x[j] if h["nesterov"] else server_delta[j] + self.w[j]
             self.x[j] = self.x[j] - lr[j] * u
         self.prev_lr = dict(group_lrs)
+
+
+class ReferenceSignum:
+    """Signum with majority vote (Bernstein et al. 2019) for M simulated workers, per tensor."""
+
+    def __init__(self, params: Tensors, hypers: Sequence[dict], workers: int):
+        self.x = [p.detach().clone() for p in params]
+        self.hypers = list(hypers)
+        self.m = [[torch.zeros_like(p) for p in self.x] for _ in range(workers)]
+
+    def step(self, worker_grads: List[Tensors], group_lrs: dict) -> None:
+        for j, h in enumerate(self.hypers):
+            mu = h["momentum"]
+            votes = 0
+            for i, grads in enumerate(worker_grads):
+                self.m[i][j] = mu * self.m[i][j] + (1 - mu) * grads[j]
+                votes = votes + torch.where(self.m[i][j] >= 0, 1.0, -1.0)
+            vote = torch.sign(votes)  # 0 on ties
+            self.x[j] = self.x[j] - group_lrs[h["group"]] * (vote + h["weight_decay"] * self.x[j])

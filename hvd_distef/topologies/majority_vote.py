@@ -1,0 +1,46 @@
+"""``majority_vote``: signum with majority vote (Bernstein et al. 2019), a baseline (SPEC §3).
+
+Workers send the packed signs of their momentum m = μ·m + (1−μ)·g; rank 0 takes the sign of the
+sum of the M signs (0 on ties) and broadcasts it as two bit masks (sign, non-zero); the
+optimizer then applies x = x − η·(vote + λ·x). Scales and error feedback play no part.
+
+Bytes per step (b = ceil(d/8)): a non-root rank sends b and receives 2b; rank 0 receives
+(M−1)·b and sends (M−1)·2b.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _kernels
+from .base import Topology
+
+ROOT = 0
+
+
+class MajorityVote(Topology):
+    name = "majority_vote"
+    update_rule = "signum"
+
+    def __init__(self, comm, compressor, tensor_sizes, device="cpu"):
+        if compressor.name not in ("sign", "blocksign"):
+            raise ValueError(f"topology 'majority_vote' sends plain signs; use compression sign or blocksign "
+                             f"(their scales are not used), not {compressor.name!r}")
+        super().__init__(comm, compressor, tensor_sizes, device)
+        self.sign_bytes = math.ceil(self.numel / 8)
+
+    def exchange(self, signs: torch.Tensor) -> torch.Tensor:
+        """Packed signs of this worker's momentum in; the vote (-1, 0, +1 as float32) out."""
+        comm, b = self.comm, self.sign_bytes
+        gathered = comm.gather(signs.cpu(), ROOT)
+        vote = torch.empty(2 * b, dtype=torch.uint8)
+        if comm.rank == ROOT:
+            total = torch.stack([_kernels.unpack_signs(row, self.numel) for row in gathered.view(comm.size, b)]).sum(0)
+            vote = torch.cat([_kernels.pack_bits(total > 0), _kernels.pack_bits(total != 0)])
+        comm.bcast(vote, ROOT)
+        peers = (comm.size - 1) * b
+        comm.count(sent=2 * peers if comm.rank == ROOT else b, received=peers if comm.rank == ROOT else 2 * b)
+        positive = _kernels.unpack_bits(vote[:b], self.numel)
+        nonzero = _kernels.unpack_bits(vote[b:], self.numel)
+        return (positive.to(torch.float32) * 2 - 1).mul_(nonzero).to(self.device)

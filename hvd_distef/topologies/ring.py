@@ -1,0 +1,57 @@
+"""``ring``: ring allreduce with compression between reduce-scatter and allgather (SPEC §3).
+
+The buffer is cut into M chunks of whole blocks (as in ``sharded``). Reduce-scatter: in M−1
+hops each rank passes a compressed partial sum of one chunk to its right neighbour, which
+decompresses it, adds its own Δ_i chunk and recompresses it, with NO error memory at these
+hops (the accuracy loss the paper's authors point to). After the last hop rank j holds the sum
+of chunk j, averages it and runs the server step of SPEC §1 with its own server error. A ring
+allgather passes the compressed Δ̃ chunks around unchanged.
+
+Bytes per step (s_j = payload bytes of chunk j): each rank sends and receives M−1 chunk
+messages in each phase, about 2·(M−1)/M·s each way when chunks are even.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ..error_feedback import ErrorMemory, Segments
+from ..payload import Payload
+from .base import Topology
+
+
+class Ring(Topology):
+    name = "ring"
+
+    def __init__(self, comm, compressor, tensor_sizes, device="cpu"):
+        super().__init__(comm, compressor, tensor_sizes, device)
+        self.server_memory = ErrorMemory(self.shards[comm.rank].numel, self.device)
+
+    def make_shards(self, tensor_sizes):
+        return self.split_shards(tensor_sizes, self.comm.size)
+
+    def exchange(self, payloads: List[Payload], segments: Segments) -> torch.Tensor:
+        comm, me, M, sizes = self.comm, self.comm.rank, self.comm.size, self.nbytes
+        right, left = (me + 1) % M, (me - 1) % M
+        sent = received = 0
+        # Reduce-scatter: at hop k send chunk (me-k-1), receive chunk (me-k-2); rank me ends with chunk me.
+        outgoing = payloads[(me - 1) % M]
+        for k in range(M - 1):
+            out_chunk, in_chunk = (me - k - 1) % M, (me - k - 2) % M
+            incoming = comm.sendrecv(outgoing.to_bytes(), right, sizes[in_chunk], left)
+            sent, received = sent + sizes[out_chunk], received + sizes[in_chunk]
+            partial = self.compressor.decompress(self.decode(incoming, in_chunk)).clone()
+            partial.add_(self.compressor.decompress(payloads[in_chunk]))
+            if k < M - 2:
+                block_sizes = self.shards[in_chunk].block_sizes
+                outgoing = self.compressor.compress(partial, block_sizes)  # no error memory here
+        mean = partial.div_(M) if M > 1 else self.compressor.decompress(payloads[me]).clone()
+        chunks = {me: self.server_compress(mean, segments, me).to_bytes()}
+        # Allgather: at hop k send chunk (me-k), receive chunk (me-k-1).
+        for k in range(M - 1):
+            out_chunk, in_chunk = (me - k) % M, (me - k - 1) % M
+            chunks[in_chunk] = comm.sendrecv(chunks[out_chunk], right, sizes[in_chunk], left)
+            sent, received = sent + sizes[out_chunk], received + sizes[in_chunk]
+        comm.count(sent=sent, received=received)
+        return torch.cat([self.compressor.decompress(self.decode(chunks[j], j)) for j in range(M)])

@@ -1,0 +1,67 @@
+"""``tree``: binomial-tree allreduce with compression between the reduce and the broadcast (SPEC §3).
+
+Reduce: every node decompresses its children's messages, adds its own Δ_i, recompresses the
+partial sum and sends it to its parent. Inner nodes keep NO error memory, so each recompression
+loses accuracy for good: this is the cost the paper's authors point to, measured, not hidden.
+The root averages, runs the server step of SPEC §1 (the server error lives on rank 0) and Δ̃
+goes down the same tree, compressed and unchanged.
+
+Bytes per step (s = payload bytes, c = this node's number of children): a node sends s to its
+parent (not the root) and c·s to its children, and receives c·s from its children and s from
+its parent (not the root).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..error_feedback import ErrorMemory, Segments
+from ..payload import Payload
+from .base import Topology
+
+ROOT = 0
+
+
+def binomial_tree(rank: int, size: int) -> Tuple[Optional[int], List[int]]:
+    """(parent, children) of ``rank`` in the binomial tree rooted at rank 0."""
+    children, mask = [], 1
+    while mask < size:
+        if rank & mask:
+            return rank - mask, children
+        if rank + mask < size:
+            children.append(rank + mask)
+        mask <<= 1
+    return None, children
+
+
+class Tree(Topology):
+    name = "tree"
+
+    def __init__(self, comm, compressor, tensor_sizes, device="cpu"):
+        super().__init__(comm, compressor, tensor_sizes, device)
+        self.parent, self.children = binomial_tree(comm.rank, comm.size)
+        if comm.rank == ROOT:
+            self.server_memory = ErrorMemory(self.numel, self.device)
+
+    def exchange(self, payloads: List[Payload], segments: Segments) -> torch.Tensor:
+        comm, s = self.comm, self.nbytes[0]
+        message = payloads[0]
+        if self.children or self.parent is None:
+            partial = self.compressor.decompress(message).clone()
+            for child in self.children:
+                partial.add_(self.compressor.decompress(self.decode(comm.recv(s, child))))
+            if self.parent is None:
+                message = self.server_compress(partial.div_(comm.size), segments)
+            else:
+                message = self.compressor.compress(partial, self.block_sizes)  # no error memory here
+        if self.parent is not None:
+            comm.send(message.to_bytes(), self.parent)
+            down = comm.recv(s, self.parent)
+        else:
+            down = message.to_bytes()
+        for child in reversed(self.children):
+            comm.send(down, child)
+        up = 0 if self.parent is None else s
+        comm.count(sent=up + len(self.children) * s, received=len(self.children) * s + up)
+        return self.compressor.decompress(self.decode(down))
