@@ -2,8 +2,10 @@
 topology's exchange and the update of SPEC §1 (or a baseline's own update rule)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -89,6 +91,7 @@ class DistributedOptimizer(torch.optim.SGD):
         self._prev_lrs = [0.0] * len(self.param_groups)
         self._steps = 0
         self._skipped_steps = 0
+        self._seconds = {"compress": 0.0, "exchange": 0.0}
         self._passes = [0] * len(self._params)
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_pass_counter(i))
                        for i, p in enumerate(self._params) if p.requires_grad]
@@ -225,8 +228,10 @@ class DistributedOptimizer(torch.optim.SGD):
         """SPEC §1: worker momentum and error feedback, the topology's exchange, the update."""
         segments = lr_ratio_segments(self._group_bounds, self._prev_lrs, [g["lr"] for g in self.param_groups])
         d = self._nesterov_direction(grad)
-        payloads = self._worker_memory.step(self._worker_compressor, d, segments, self.topology.shards)
-        delta = self.topology.exchange(payloads, segments)
+        with self._timed("compress"):
+            payloads = self._worker_memory.step(self._worker_compressor, d, segments, self.topology.shards)
+        with self._timed("exchange"):
+            delta = self.topology.exchange(payloads, segments)
         self._apply(delta)
 
     def _nesterov_direction(self, grad: torch.Tensor) -> torch.Tensor:
@@ -277,7 +282,10 @@ class DistributedOptimizer(torch.optim.SGD):
             if mu != 0:
                 m = self._momentum[start:stop]
                 grad[start:stop] = m.mul_(mu).add_(torch.mul(grad[start:stop], 1 - mu))
-        vote = self.topology.exchange(_kernels.pack_signs(grad))
+        with self._timed("compress"):
+            signs = _kernels.pack_signs(grad)
+        with self._timed("exchange"):
+            vote = self.topology.exchange(signs)
         for (start, _), group in zip(self._group_bounds, self.param_groups):
             params = group["params"]
             u = self._views(vote, start, params)
@@ -288,7 +296,8 @@ class DistributedOptimizer(torch.optim.SGD):
 
     def _sgd_step(self, grad: torch.Tensor) -> None:
         """Stock SGDM: the topology averages the gradient, then torch's own SGD update runs."""
-        averaged = self.topology.exchange(grad)
+        with self._timed("exchange"):
+            averaged = self.topology.exchange(grad)
         for p, g in zip(self._params, self._views(averaged, 0, self._params)):
             if p.grad is None:
                 p.grad = g.clone()
@@ -297,10 +306,21 @@ class DistributedOptimizer(torch.optim.SGD):
         super().step()
 
     # --- reporting and state --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _timed(self, what: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[what] += time.perf_counter() - start
+
     def comm_stats(self) -> dict:
-        """Cumulative bytes this rank put on and took off the wire, and the number of steps."""
+        """Cumulative bytes this rank put on and took off the wire, the number of steps (and of skipped
+        ones), and seconds spent compressing on the worker and in the exchange (communication and
+        the server step)."""
         return {"bytes_sent": self.comm.bytes_sent, "bytes_received": self.comm.bytes_received,
-                "steps": self._steps, "skipped_steps": self._skipped_steps}
+                "steps": self._steps, "skipped_steps": self._skipped_steps,
+                "compress_time_s": self._seconds["compress"], "exchange_time_s": self._seconds["exchange"]}
 
     def state_dict(self) -> dict:
         """torch's SGD state plus ours: momentum m_i, worker error e_i, server error ẽ where this

@@ -1,0 +1,133 @@
+"""``python -m hvd_distef.report RUN_DIRS...``: compare training runs side by side.
+
+Reads each run's ``config.json`` and ``metrics.jsonl`` (written by ``hvd_distef.train``), prints a
+markdown table (method, topology, ranks, final and best test accuracy, time to a target accuracy,
+mean bytes per step, mean step time) and writes it with PNG plots: test accuracy against epoch and
+against wall time, and bytes sent per step per run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .train.cli import OneLineParser
+from .train.loop import CONFIG_FILE, METRICS_FILE
+
+
+def read_run(run_dir: Path) -> dict:
+    config = json.loads((run_dir / CONFIG_FILE).read_text())
+    epochs = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
+    if not epochs:
+        raise ValueError(f"{run_dir / METRICS_FILE} has no epochs")
+    return {"dir": run_dir, "config": config, "epochs": epochs, "label": f"{run_dir.name}"}
+
+
+def time_to(run: dict, target: float) -> Optional[float]:
+    """Training wall time (s) until the test accuracy first reaches ``target``; None if never."""
+    return next((e["wall_time_s"] for e in run["epochs"] if e["test_accuracy"] >= target), None)
+
+
+def summarise(runs: List[dict], target: float) -> List[dict]:
+    rows = []
+    baseline = next((r for r in runs if r["config"]["method"] == "sgdm"), None)
+    base_bytes = None if baseline is None else _mean(baseline, "bytes_sent_per_step")
+    for run in runs:
+        c, last = run["config"], run["epochs"][-1]
+        sent = _mean(run, "bytes_sent_per_step")
+        rows.append({
+            "run": run["label"], "method": c["method"], "topology": c["topology"], "compression": c["compression"],
+            "ranks": c["ranks"], "epochs": last["epoch"], "final_accuracy": last["test_accuracy"],
+            "best_accuracy": max(e["test_accuracy"] for e in run["epochs"]), "time_to_target_s": time_to(run, target),
+            "bytes_sent_per_step": sent, "max_bytes_sent_per_step": _mean(run, "max_bytes_sent_per_step"),
+            "bytes_vs_sgdm": None if not base_bytes else sent / base_bytes,
+            "step_time_ms": 1000 * _mean(run, "step_time_s"),
+            "comm_share": sum(e["comm_time_s"] for e in run["epochs"]) / max(1e-12, last["wall_time_s"]),
+        })
+    return rows
+
+
+def _mean(run: dict, key: str) -> float:
+    return sum(e[key] for e in run["epochs"]) / len(run["epochs"])
+
+
+def markdown(rows: List[dict], target: float) -> str:
+    head = ("| run | method | topology | compression | ranks | final acc | best acc | "
+            f"time to {100 * target:.1f}% | bytes sent/step (rank 0) | max over ranks | vs sgdm | step time | comm share |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ttt = "never" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f} s"
+        ratio = f"1/{1 / r['bytes_vs_sgdm']:.1f}" if r["bytes_vs_sgdm"] else ""
+        lines.append(f"| {r['run']} | {r['method']} | {r['topology']} | {r['compression']} | {r['ranks']} | "
+                     f"{100 * r['final_accuracy']:.2f}% | {100 * r['best_accuracy']:.2f}% | {ttt} | "
+                     f"{r['bytes_sent_per_step']:,.0f} | {r['max_bytes_sent_per_step']:,.0f} | {ratio} | "
+                     f"{r['step_time_ms']:.2f} ms | {100 * r['comm_share']:.0f}% |")
+    return "\n".join(lines)
+
+
+def plot(runs: List[dict], rows: List[dict], out: Path) -> List[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for x_key, x_label, name in (("epoch", "epoch", "accuracy_vs_epoch.png"),
+                                 ("wall_time_s", "training wall time (s)", "accuracy_vs_time.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for run in runs:
+            ax.plot([e[x_key] for e in run["epochs"]], [100 * e["test_accuracy"] for e in run["epochs"]],
+                    marker=".", label=run["label"])
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        paths.append(out / name)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.bar([r["run"] for r in rows], [r["bytes_sent_per_step"] for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("bytes sent per step, rank 0 (log scale)")
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['bytes_sent_per_step']:,.0f}", (i, r["bytes_sent_per_step"]), ha="center", va="bottom")
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(out / "bytes_per_step.png", dpi=120)
+    plt.close(fig)
+    paths.append(out / "bytes_per_step.png")
+    return paths
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = OneLineParser(prog="hvd_distef.report", description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="run folders (--log-dir of hvd_distef.train)")
+    p.add_argument("--out", type=Path, help="where to write report.md and the plots (default: next to the runs)")
+    p.add_argument("--target", type=float, help="target test accuracy in [0, 1] (default: 99%% of sgdm's best, "
+                                                "else of the best run's)")
+    args = p.parse_args(argv)
+    missing = [str(d) for d in args.runs if not (d / METRICS_FILE).is_file()]
+    if missing:
+        p.error(f"no {METRICS_FILE} in {', '.join(missing)}")
+    runs = [read_run(d) for d in args.runs]
+    target = args.target
+    if target is None:
+        pool = [r for r in runs if r["config"]["method"] == "sgdm"] or runs
+        target = 0.99 * max(e["test_accuracy"] for r in pool for e in r["epochs"])
+    out = args.out or args.runs[0].parent / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarise(runs, target)
+    table = markdown(rows, target)
+    paths = plot(runs, rows, out)
+    (out / "report.md").write_text(table + "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in paths) + "\n")
+    (out / "summary.json").write_text(json.dumps(rows, indent=1, default=str))
+    print(table)
+    print("\nplots: " + " ".join(str(p) for p in paths))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training and comparison runs: ``python -m hvd_distef.train --help``."""

@@ -1,0 +1,120 @@
+"""``python -m hvd_distef.train``: one training run, launched on every rank by horovodrun, mpirun or srun.
+
+Methods are presets of compression and topology (``--compression``/``--topology`` override them);
+hyper-parameters default to the paper's (momentum 0.9, Nesterov, weight decay 5e-4, step decay).
+Bad flags give a one-line error and exit code 2 on every rank, before any communication.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from ..compressors import REGISTRY as COMPRESSORS
+from ..errors import HvdDistefError
+from ..topologies import REGISTRY as TOPOLOGIES
+from .data import CIFAR, LOADERS
+from .models import MODELS
+
+#: method -> what it sets; "lr" is the default learning rate of that method
+METHODS = {
+    "sgdm": {"topology": "allreduce", "compression": "none", "lr": 0.1,
+             "help": "stock allreduce SGD with Nesterov momentum (Horovod)"},
+    "ef-blocksgdm": {"topology": "ps", "compression": "blocksign", "lr": 0.1,
+                     "help": "the paper's dist-EF-BlockSGDM: blockwise sign, two-way error feedback"},
+    "ef-sgdm": {"topology": "ps", "compression": "sign", "lr": 0.1,
+                "help": "dist-EF-SGDM: one sign scale for the whole buffer"},
+    "signum": {"topology": "majority_vote", "compression": "sign", "lr": 0.001,
+               "help": "signum with majority vote (Bernstein et al. 2019)"},
+    "ef-allgather": {"topology": "allgather", "compression": "blocksign", "lr": 0.1,
+                     "help": "one-way error feedback, allgather of worker payloads"},
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but errors are one line and exit 2 (every rank prints the same line)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="hvd_distef.train", description=__doc__.split("\n")[0],
+                      epilog="methods: " + "; ".join(f"{k}: {v['help']}" for k, v in METHODS.items()))
+    p.add_argument("--method", default="ef-blocksgdm", choices=sorted(METHODS))
+    p.add_argument("--compression", choices=sorted(COMPRESSORS), help="override the method's compressor")
+    p.add_argument("--topology", choices=sorted(TOPOLOGIES), help="override the method's topology")
+    p.add_argument("--block-size", type=positive_int, help="blocksign: split tensors into blocks of at most N")
+    p.add_argument("--model", default="mlp", choices=sorted(MODELS))
+    p.add_argument("--data", default="digits", choices=sorted(LOADERS))
+    p.add_argument("--data-dir", type=Path, help="folder with the CIFAR archive or its extracted folder")
+    p.add_argument("--subset", type=positive_int, help="use only the first N training examples")
+    p.add_argument("--epochs", type=positive_int, default=30)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="per worker")
+    p.add_argument("--lr", type=positive_float, help="default: the method's")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--no-nesterov", dest="nesterov", action="store_false")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--lr-decay-epochs", type=positive_int, nargs="*", default=[],
+                   help="multiply the lr by --lr-decay-factor at these epochs")
+    p.add_argument("--lr-decay-factor", type=positive_float, default=0.1)
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up from lr/ranks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-dir", type=Path, default=Path("runs/latest"))
+    p.add_argument("--checkpoint-every", type=positive_int, help="epochs between checkpoints (in --log-dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --log-dir")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = parser()
+    args = p.parse_args(argv)
+    preset = METHODS[args.method]
+    args.compression = args.compression or preset["compression"]
+    args.topology = args.topology or preset["topology"]
+    args.lr = args.lr or preset["lr"]
+    if not 0 <= args.momentum < 1:
+        p.error(f"--momentum must be in [0, 1), got {args.momentum}")
+    if args.nesterov and args.momentum == 0:
+        args.nesterov = False
+    if args.weight_decay < 0:
+        p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.data in CIFAR:
+        if args.data_dir is None:
+            p.error(f"--data {args.data} needs --data-dir")
+        if not args.data_dir.is_dir():
+            p.error(f"--data-dir {args.data_dir} is not a folder")
+    if args.resume and not (args.log_dir / "checkpoint").is_dir():
+        p.error(f"--resume: no checkpoint in {args.log_dir / 'checkpoint'}")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse(argv)
+    from .loop import train  # heavy imports (Horovod, MPI) only once the flags are known to be good
+    try:
+        train(args)
+    except (HvdDistefError, ValueError) as exc:
+        print(f"hvd_distef.train: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

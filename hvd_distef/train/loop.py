@@ -1,0 +1,176 @@
+"""The training loop behind ``python -m hvd_distef.train``: data shards, the wrapped optimizer, per-epoch
+metrics as JSON lines in ``--log-dir`` (rank 0), and per-rank atomic checkpoints."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Tuple
+
+import torch
+from tqdm import tqdm
+
+from .. import Compression, DistributedOptimizer
+from ..errors import HvdDistefError
+from .data import Dataset, load
+from .models import build
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+
+
+class LrSchedule:
+    """Per-iteration lr factor: linear warm-up from 1/ranks over ``warmup`` epochs, then step decay."""
+
+    def __init__(self, steps_per_epoch: int, warmup: float, decay_epochs, factor: float, ranks: int):
+        self.steps_per_epoch, self.warmup, self.decay_epochs = steps_per_epoch, warmup, list(decay_epochs)
+        self.factor, self.ranks = factor, ranks
+
+    def __call__(self, step: int) -> float:
+        epoch = step / self.steps_per_epoch
+        f = self.factor ** sum(epoch >= e for e in self.decay_epochs)
+        if epoch < self.warmup:
+            f *= 1 / self.ranks + (1 - 1 / self.ranks) * epoch / self.warmup
+        return f
+
+
+def evaluate(hvd, model: torch.nn.Module, data: Dataset, rank: int, ranks: int) -> float:
+    """Test accuracy over the whole test set, each rank scoring its own shard."""
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for x, y in data.test_batches(rank, ranks, 256):
+            counts += torch.tensor([(model(x).argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+    model.train()
+    counts = hvd.allreduce(counts, op=hvd.Sum, name="hvd_distef.train.eval")
+    return (counts[0] / counts[1]).item()
+
+
+def checkpoint_path(log_dir: Path, rank: int) -> Path:
+    return log_dir / "checkpoint" / f"rank{rank}.pt"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(hvd, path: Path, ranks: int) -> dict:
+    """This rank's checkpoint; every rank fails together if any rank's file is missing, unreadable,
+    from another world size, or from another epoch than the others'."""
+    try:
+        state = torch.load(path, weights_only=False)
+        problem = None if state.get("world_size") == ranks else \
+            f"it was written by {state.get('world_size')} ranks, this run has {ranks}"
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+        state, problem = None, f"cannot read it ({type(exc).__name__}: {exc})"
+    everyone = hvd.allgather_object((problem, None if state is None else state.get("epoch")))
+    problems = [f"rank {r}: {p}" for r, (p, _) in enumerate(everyone) if p]
+    if problems:
+        raise HvdDistefError(f"cannot resume from {path.parent}: " + "; ".join(problems))
+    epochs = {e for _, e in everyone}
+    if len(epochs) != 1:
+        raise HvdDistefError(f"cannot resume from {path.parent}: ranks hold checkpoints of different epochs "
+                             f"{[e for _, e in everyone]}")
+    return state
+
+
+def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> DistributedOptimizer:
+    sgd = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                          weight_decay=args.weight_decay)
+    compression = args.compression
+    if args.block_size:
+        compression = Compression.blocksign(block_size=args.block_size)
+    return DistributedOptimizer(sgd, named_parameters=model.named_parameters(), compression=compression,
+                                topology=args.topology)
+
+
+def train(args: argparse.Namespace) -> Tuple[float, float]:
+    """Run the training; returns (final, best) test accuracy."""
+    import horovod.torch as hvd
+    hvd.init()
+    rank, ranks = hvd.rank(), hvd.size()
+    torch.manual_seed(args.seed)
+    data = load(args.data, args.data_dir, args.subset)
+    steps = data.steps_per_epoch(ranks, args.batch_size)
+    if steps == 0:
+        raise HvdDistefError(f"{len(data.train_y)} training examples are fewer than {ranks} ranks x batch size "
+                             f"{args.batch_size}: lower --batch-size or use more data")
+    model = build(args.model, data.in_shape, data.num_classes)
+    opt = build_optimizer(args, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, LrSchedule(steps, args.warmup_epochs, args.lr_decay_epochs, args.lr_decay_factor, ranks))
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+    start_epoch, wall, best = 0, 0.0, 0.0
+    if args.resume:
+        state = load_checkpoint(hvd, checkpoint_path(args.log_dir, rank), ranks)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, wall, best = state["epoch"], state["wall_time_s"], state["best_accuracy"]
+
+    config = dict(vars(args), ranks=ranks, params=sum(p.numel() for p in model.parameters()),
+                  data_dir=str(args.data_dir), log_dir=str(args.log_dir))
+    metrics = args.log_dir / METRICS_FILE
+    if rank == 0:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+        (args.log_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        if not args.resume and metrics.exists():
+            metrics.unlink()
+        print(f"hvd_distef.train: {args.method} ({args.compression} over {args.topology}), {args.model} on "
+              f"{args.data}, {ranks} ranks, {config['params']} parameters, {steps} steps per epoch", flush=True)
+
+    accuracy = 0.0
+    for epoch in range(start_epoch, args.epochs):
+        before = opt.comm_stats()
+        start = time.perf_counter()
+        loss_sum = 0.0
+        batches = data.train_batches(rank, ranks, args.batch_size, epoch, args.seed)
+        for x, y in tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                         disable=rank != 0 or not args.progress):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item()
+        seconds = time.perf_counter() - start
+        wall += seconds
+        accuracy = evaluate(hvd, model, data, rank, ranks)
+        best = max(best, accuracy)
+        after = opt.comm_stats()
+        per_step = {k: (after[k] - before[k]) / steps for k in ("bytes_sent", "bytes_received")}
+        sent_by_rank = hvd.allgather_object(per_step["bytes_sent"])
+        train_loss = hvd.allreduce(torch.tensor(loss_sum / steps), op=hvd.Average, name="hvd_distef.train.loss")
+        record = {
+            "epoch": epoch + 1, "method": args.method, "topology": args.topology, "compression": args.compression,
+            "model": args.model, "data": args.data, "ranks": ranks, "steps": steps,
+            "train_loss": train_loss.item(), "test_accuracy": accuracy, "epoch_time_s": seconds,
+            "wall_time_s": wall, "step_time_s": seconds / steps,
+            "comm_time_s": after["exchange_time_s"] - before["exchange_time_s"],
+            "compress_time_s": after["compress_time_s"] - before["compress_time_s"],
+            "bytes_sent_per_step": per_step["bytes_sent"], "bytes_received_per_step": per_step["bytes_received"],
+            "max_bytes_sent_per_step": max(sent_by_rank), "lr": opt.param_groups[0]["lr"],
+        }
+        if rank == 0:
+            with metrics.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            tqdm.write(f"epoch {epoch + 1:3d}/{args.epochs}  loss {record['train_loss']:.4f}  "
+                       f"test acc {100 * accuracy:6.2f}%  {seconds:6.2f}s  "
+                       f"sent {per_step['bytes_sent']:,.0f} B/step  lr {record['lr']:.4g}")
+        if args.checkpoint_every and (epoch + 1) % args.checkpoint_every == 0:
+            save_checkpoint(checkpoint_path(args.log_dir, rank), {
+                "epoch": epoch + 1, "world_size": ranks, "rank": rank, "config": config,
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": torch.get_rng_state(), "wall_time_s": wall, "best_accuracy": best})
+    if rank == 0:
+        print(f"hvd_distef.train: done, final test accuracy {100 * accuracy:.2f}% (best {100 * best:.2f}%), "
+              f"metrics in {metrics}", flush=True)
+    return accuracy, best

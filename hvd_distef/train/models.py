@@ -1,0 +1,102 @@
+"""Models for the training runs, by name: an MLP and a small CNN for small images, and ResNets
+(ResNet-20 for CIFAR as in He et al. 2016, ResNet-18/50 with a CIFAR stem for small inputs)."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Sequence, Tuple
+
+import torch
+from torch import nn
+
+Shape = Tuple[int, int, int]
+
+
+def mlp(in_shape: Shape, num_classes: int, hidden: int = 128) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+def cnn(in_shape: Shape, num_classes: int) -> nn.Module:
+    c, h, w = in_shape
+    return nn.Sequential(
+        nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * (h // 2) * (w // 2), 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.shortcut = _shortcut(cin, width, stride)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut = _shortcut(cin, cout, stride)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        return torch.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+class ResNet(nn.Module):
+    """Stages of residual blocks; a 3x3 stem for inputs up to 64 pixels, else the ImageNet stem."""
+
+    def __init__(self, block, layers: Sequence[int], widths: Sequence[int], in_shape: Shape, num_classes: int):
+        super().__init__()
+        c, h, _ = in_shape
+        if h <= 64:
+            self.stem = nn.Sequential(nn.Conv2d(c, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(c, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0]),
+                                      nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        stages, cin = [], widths[0]
+        for i, (n, width) in enumerate(zip(layers, widths)):
+            for j in range(n):
+                stages.append(block(cin, width, 2 if (j == 0 and i > 0) else 1))
+                cin = width * block.expansion
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+
+    def forward(self, x):
+        return self.head(self.stages(self.stem(x)))
+
+
+MODELS: Dict[str, Callable[[Shape, int], nn.Module]] = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "resnet20": lambda s, k: ResNet(BasicBlock, [3, 3, 3], [16, 32, 64], s, k),
+    "resnet18": lambda s, k: ResNet(BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], s, k),
+    "resnet50": lambda s, k: ResNet(Bottleneck, [3, 4, 6, 3], [64, 128, 256, 512], s, k),
+}
+
+
+def build(name: str, in_shape: Shape, num_classes: int) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](in_shape, num_classes)

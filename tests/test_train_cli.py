@@ -1,0 +1,158 @@
+"""The training CLI and the report: smoke runs per method, bit-exact resume, the CIFAR reader,
+the report on fixture logs, and one-line errors for bad flags."""
+import json
+import pickle
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, mpi_env, run_mpi
+from hvd_distef import report
+from hvd_distef.train import data as data_mod
+from hvd_distef.train.cli import METHODS
+
+TINY = ["--data", "digits", "--subset", "256", "--batch-size", "16", "--no-progress"]
+
+
+def read_metrics(log_dir):
+    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_trains_on_two_ranks(method, tmp_path):
+    run_mpi(2, ["-m", "hvd_distef.train", "--method", method, "--epochs", "1", "--log-dir", tmp_path, *TINY])
+    [epoch] = read_metrics(tmp_path)
+    assert epoch["method"] == method and epoch["ranks"] == 2 and epoch["steps"] == 256 // 32
+    assert 0 <= epoch["test_accuracy"] <= 1 and np.isfinite(epoch["train_loss"])
+    d = json.loads((tmp_path / "config.json").read_text())["params"]
+    expected = {  # rank 0's bytes per step, SPEC §3 (mlp: 4 tensors)
+        "sgdm": 2 * (2 - 1) / 2 * 4 * d, "ef-blocksgdm": -(-d // 8) + 4 * 4, "ef-sgdm": -(-d // 8) + 4,
+        "ef-allgather": -(-d // 8) + 4 * 4, "signum": 2 * -(-d // 8)}[method]
+    assert epoch["bytes_sent_per_step"] == pytest.approx(expected)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    common = ["-m", "hvd_distef.train", "--method", "ef-blocksgdm", "--lr-decay-epochs", "3",
+              "--checkpoint-every", "2", *TINY]
+    run_mpi(2, [*common, "--epochs", "4", "--log-dir", tmp_path / "whole"])
+    run_mpi(2, [*common, "--epochs", "2", "--log-dir", tmp_path / "split"])
+    run_mpi(2, [*common, "--epochs", "4", "--log-dir", tmp_path / "split", "--resume"])
+    for rank in (0, 1):
+        a = torch.load(tmp_path / "whole" / "checkpoint" / f"rank{rank}.pt", weights_only=False)
+        b = torch.load(tmp_path / "split" / "checkpoint" / f"rank{rank}.pt", weights_only=False)
+        assert a["epoch"] == b["epoch"] == 4
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), k
+        for k in ("momentum", "worker_error", "weight_decay_buffer"):
+            assert torch.equal(a["optimizer"]["distef"][k], b["optimizer"]["distef"][k]), k
+        ta, tb = a["optimizer"]["distef"]["topology"], b["optimizer"]["distef"]["topology"]
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
+    assert [e["test_accuracy"] for e in whole] == [e["test_accuracy"] for e in split]
+    assert [e["lr"] for e in split] == pytest.approx([0.1, 0.1, 0.01, 0.01])
+
+
+def write_cifar(root, name, n_train=40, n_test=20, as_archive=False):
+    """A small CIFAR in the real python-version format (pickled dicts of uint8 rows)."""
+    archive, folder, train_members, test_member, label_key, classes = data_mod.CIFAR[name]
+    rng = np.random.default_rng(0)
+    out = root / folder
+    out.mkdir(parents=True)
+    per = n_train // len(train_members)
+    for member, n in [(m, per) for m in train_members] + [(test_member, n_test)]:
+        rows = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        with open(out / member, "wb") as f:
+            pickle.dump({b"data": rows, label_key: list(rng.integers(0, classes, n))}, f)
+    if as_archive:
+        with tarfile.open(root / archive, "w:gz") as tar:
+            tar.add(out, arcname=folder)
+        for p in out.iterdir():
+            p.unlink()
+        out.rmdir()
+    return root
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("as_archive", [False, True], ids=["folder", "archive"])
+def test_cifar_reader(tmp_path, name, as_archive):
+    folder = data_mod.CIFAR[name][1]
+    write_cifar(tmp_path, name, as_archive=as_archive)
+    ds = data_mod.load(name, tmp_path)
+    assert ds.train_x.shape == (40, 3, 32, 32) and ds.test_x.shape == (20, 3, 32, 32)
+    assert ds.train_x.dtype == torch.uint8 and ds.num_classes == data_mod.CIFAR[name][5]
+    if not as_archive:
+        with open(tmp_path / folder / data_mod.CIFAR[name][3], "rb") as f:
+            raw = pickle.load(f, encoding="bytes")
+        assert torch.equal(ds.test_x[3].reshape(-1), torch.from_numpy(raw[b"data"][3]))
+    x, y = next(ds.train_batches(0, 2, 8, epoch=0, seed=0))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (8,)
+
+
+def test_shards_partition_each_epoch():
+    ds = data_mod.synthetic(train_size=64, test_size=8)
+    ds.train_x = torch.arange(64, dtype=torch.uint8).view(64, 1, 1, 1).expand(64, 3, 1, 1).clone()
+    ds.mean, ds.std, ds.scale = (0.0,) * 3, (1.0,) * 3, 1.0
+    seen = []
+    for rank in range(4):
+        for x, _ in ds.train_batches(rank, 4, 4, epoch=1, seed=0):
+            seen += x[:, 0, 0, 0].long().tolist()
+    assert sorted(seen) == list(range(64))
+    first = [x[:, 0, 0, 0].tolist() for x, _ in ds.train_batches(0, 4, 4, epoch=2, seed=0)]
+    assert first != [x[:, 0, 0, 0].tolist() for x, _ in ds.train_batches(0, 4, 4, epoch=1, seed=0)]
+
+
+def test_resnet_on_cifar_files_two_ranks(tmp_path):
+    write_cifar(tmp_path / "data", "cifar10", n_train=80, n_test=16)
+    run_mpi(2, ["-m", "hvd_distef.train", "--data", "cifar10", "--data-dir", tmp_path / "data", "--model",
+                "resnet20", "--epochs", "1", "--batch-size", "8", "--log-dir", tmp_path / "run", "--no-progress"])
+    [epoch] = read_metrics(tmp_path / "run")
+    assert epoch["steps"] == 80 // (2 * 8) and epoch["bytes_sent_per_step"] > 0
+
+
+def fixture_run(root, name, method, accs, sent):
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"method": method, "topology": "t", "compression": "c", "ranks": 2}))
+    lines = [{"epoch": i + 1, "test_accuracy": a, "wall_time_s": 2.0 * (i + 1), "step_time_s": 0.01,
+              "comm_time_s": 0.5, "bytes_sent_per_step": sent, "max_bytes_sent_per_step": sent}
+             for i, a in enumerate(accs)]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return d
+
+
+def test_report_on_fixture_logs(tmp_path, capsys):
+    runs = [fixture_run(tmp_path, "a", "sgdm", [0.5, 0.9, 0.95], 3200.0),
+            fixture_run(tmp_path, "b", "ef-blocksgdm", [0.4, 0.8, 0.96], 100.0)]
+    assert report.main([str(r) for r in runs] + ["--out", str(tmp_path / "rep"), "--target", "0.9"]) == 0
+    rows = {r["run"]: r for r in json.loads((tmp_path / "rep" / "summary.json").read_text())}
+    assert rows["a"]["time_to_target_s"] == 4.0 and rows["b"]["time_to_target_s"] == 6.0
+    assert rows["b"]["bytes_vs_sgdm"] == pytest.approx(1 / 32)
+    assert rows["b"]["best_accuracy"] == 0.96 and rows["a"]["final_accuracy"] == 0.95
+    for png in ("accuracy_vs_epoch.png", "accuracy_vs_time.png", "bytes_per_step.png"):
+        assert (tmp_path / "rep" / png).stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "| b | ef-blocksgdm |" in out and "1/32.0" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "nope"], "invalid choice: 'nope'"),
+    (["--batch-size", "0"], "must be a positive integer"),
+    (["--data", "cifar10"], "needs --data-dir"),
+    (["--data", "cifar10", "--data-dir", "/nonexistent"], "is not a folder"),
+    (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
+])
+def test_bad_flags_one_line_exit_2(argv, message):
+    proc = subprocess.run([sys.executable, "-m", "hvd_distef.train", *argv], cwd=ROOT, env=mpi_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_bad_flag_under_mpirun_every_rank_exits():
+    proc = run_mpi(2, ["-m", "hvd_distef.train", "--batch-size", "0"], check=False, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.count("must be a positive integer") == 2
