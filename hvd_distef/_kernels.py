@@ -1,100 +1,54 @@
-"""Hot loops of blockwise sign compression, in plain PyTorch (CPU or CUDA).
+"""The hot loops in use: the compiled ``cpp_ops`` extension when it is built and the tensors are on
+the CPU, else the plain PyTorch path (``_torch_kernels``), with the same signatures and results.
 
-Compressors call these functions rather than inlining the math, so that a compiled
-implementation with the same signatures can stand in for them and be tested against them.
+Set HVD_DISTEF_FORCE_TORCH=1 to use the torch path everywhere.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import os
 
 import torch
 
-Segments = Sequence[Tuple[int, int, float]]  # (start, stop, ratio) per param group
+from . import _torch_kernels as torch_path
+from ._torch_kernels import (Segments, block_l1, compensate, expand_blocks, pack_bits, pack_signs,  # noqa: F401
+                             unpack_bits, unpack_signs)
 
-_BIT_WEIGHTS = {}
-
-
-def _weights(device: torch.device) -> torch.Tensor:
-    if device not in _BIT_WEIGHTS:
-        _BIT_WEIGHTS[device] = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
-    return _BIT_WEIGHTS[device]
+FORCE_TORCH_ENV = "HVD_DISTEF_FORCE_TORCH"
 
 
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a bool vector into ceil(n/8) bytes, element i -> bit i%8 of byte i//8."""
-    n = mask.numel()
-    bits = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8, device=mask.device)
-    bits[:n] = mask
-    return (bits.view(-1, 8) * _weights(mask.device)).sum(1, dtype=torch.uint8)
+def _load_compiled():
+    if os.environ.get(FORCE_TORCH_ENV, "") not in ("", "0"):
+        return None
+    try:
+        from . import _cpp_ops  # built by setup.py from cpp_ops/
+    except ImportError:
+        return None
+    return _cpp_ops
 
 
-def unpack_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of ``pack_bits``: a bool vector of ``numel`` elements."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    return ((bits.unsqueeze(1) >> shifts) & 1).reshape(-1)[:numel].bool()
+compiled = _load_compiled()
 
 
-def pack_signs(x: torch.Tensor) -> torch.Tensor:
-    """Pack sign(x) with sign(0) = +1 (also for -0.0): bit set where x >= 0."""
-    return pack_bits(x >= 0)
+def _pick(t: torch.Tensor):
+    return compiled if compiled is not None and t.device.type == "cpu" else torch_path
 
 
-def unpack_signs(bits: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of ``pack_signs`` as float32 +-1."""
-    return unpack_bits(bits, numel).to(torch.float32).mul_(2).sub_(1)
+def blocksign_compress(x, block_sizes):
+    return _pick(x).blocksign_compress(x, list(block_sizes))
 
 
-def block_l1(x: torch.Tensor, block_sizes: Sequence[int]) -> torch.Tensor:
-    """||x_b||_1 for each contiguous block, float32 [B]; one reduction kernel whatever B is, so that
-    a block gives the same bits whether it is compressed alone or with others."""
-    if not block_sizes:
-        return x.new_zeros(0)
-    return torch.stack(torch._foreach_norm(list(x.split(list(block_sizes))), 1))
+def blocksign_decompress(scales, bits, block_sizes, numel):
+    return _pick(scales).blocksign_decompress(scales, bits, list(block_sizes), numel)
 
 
-def expand_blocks(values: torch.Tensor, block_sizes: Sequence[int], numel: int) -> torch.Tensor:
-    """Repeat ``values[b]`` over block b: a float32 [numel] vector."""
-    if len(block_sizes) == 1:
-        return values.expand(numel)
-    lengths = torch.as_tensor(block_sizes, device=values.device)
-    return torch.repeat_interleave(values, lengths, output_size=numel)
+def blocksign_feedback(d, error, block_sizes, segments):
+    return _pick(d).blocksign_feedback(d, error, list(block_sizes), list(segments))
 
 
-def compensate(d: torch.Tensor, error: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """p = d + (η_{t-1}/η_t)·e, each param group with its own ratio (SPEC §1); d untouched."""
-    p = d.clone()
-    for start, stop, ratio in segments:
-        if ratio != 0.0:
-            p[start:stop].add_(error[start:stop], alpha=ratio)
-    return p
+def blocksign_decompress_mean(scales, bits, block_sizes, numel):
+    return _pick(scales[0]).blocksign_decompress_mean(list(scales), list(bits), list(block_sizes), numel)
 
 
-def blocksign_compress(x: torch.Tensor, block_sizes: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Scales ||x_b||_1/d_b [B] and packed signs of x: the blocksign payload of SPEC §2."""
-    sizes = torch.as_tensor(block_sizes, dtype=torch.float32, device=x.device)
-    return block_l1(x, block_sizes) / sizes, pack_signs(x)
-
-
-def blocksign_decompress(scales: torch.Tensor, bits: torch.Tensor, block_sizes: Sequence[int],
-                         numel: int) -> torch.Tensor:
-    """C(x) = scale_b · sign(x_b) as a float32 [numel] vector."""
-    return unpack_signs(bits, numel).mul_(expand_blocks(scales, block_sizes, numel))
-
-
-def blocksign_feedback(d: torch.Tensor, error: torch.Tensor, block_sizes: Sequence[int],
-                       segments: Segments) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One error-feedback step with blocksign: p = d + r·e; (scales, bits) = C(p); e <- p - C(p)."""
-    p = compensate(d, error, segments)
-    scales, bits = blocksign_compress(p, block_sizes)
-    torch.sub(p, blocksign_decompress(scales, bits, block_sizes, p.numel()), out=error)
-    return scales, bits
-
-
-def blocksign_decompress_mean(scales: List[torch.Tensor], bits: List[torch.Tensor],
-                              block_sizes: Sequence[int], numel: int) -> torch.Tensor:
-    """(1/M)·Σ_i C_i for M blocksign payloads: the server's first line in SPEC §1."""
-    acc = torch.zeros(numel, dtype=torch.float32, device=scales[0].device)
-    for s, b in zip(scales, bits):
-        acc.add_(blocksign_decompress(s, b, block_sizes, numel))
-    return acc.div_(len(scales))
-
+def blocksign_server_feedback(scales, bits, error, block_sizes, segments):
+    return _pick(error).blocksign_server_feedback(list(scales), list(bits), error, list(block_sizes),
+                                                  list(segments))

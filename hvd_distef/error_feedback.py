@@ -63,6 +63,11 @@ class ErrorMemory:
                                                   window(segments, s.start, s.stop))
                 for s in shards]
 
+    def mean_step(self, compressor: Compressor, payloads: Sequence[Payload], segments: Segments,
+                  block_sizes: Sequence[int]) -> Payload:
+        """The server's step: p = (1/M)·Σ_i Δ_i + (η_{t-1}/η_t)·e;  Δ = C(p);  e <- p − Δ (whole memory)."""
+        return compressor.mean_with_feedback(payloads, self.error, block_sizes, segments)
+
     def state_dict(self) -> torch.Tensor:
         return self.error.clone()
 

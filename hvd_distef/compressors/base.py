@@ -55,6 +55,11 @@ class Compressor:
         torch.sub(p, self.decompress(payload), out=error)
         return payload
 
+    def mean_with_feedback(self, payloads: Sequence[Payload], error: torch.Tensor, block_sizes: Sequence[int],
+                           segments: _kernels.Segments) -> Payload:
+        """The server's error-feedback step: p = (1/M)·Σ_i decompress(payload_i) + r·e;  C(p);  e <- p − C(p)."""
+        return self.compress_with_feedback(self.decompress_mean(payloads), error, block_sizes, segments)
+
     def decompress_mean(self, payloads: Sequence[Payload]) -> torch.Tensor:
         """(1/M)·Σ_i decompress(payload_i)."""
         acc = self.decompress(payloads[0]).clone()

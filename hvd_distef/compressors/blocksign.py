@@ -79,6 +79,13 @@ class BlockSign(Compressor):
         scales, bits = _kernels.blocksign_feedback(d, error, block_sizes, segments)
         return self._payload(d.numel(), block_sizes, scales, bits)
 
+    def mean_with_feedback(self, payloads, error, block_sizes, segments) -> Payload:
+        if error.numel() == 0:
+            return self._empty(error)
+        scales, bits = _kernels.blocksign_server_feedback([p["scales"] for p in payloads], [p["bits"] for p in payloads],
+                                                          error, block_sizes, segments)
+        return self._payload(error.numel(), block_sizes, scales, bits)
+
     def decompress_mean(self, payloads: Sequence[Payload]) -> torch.Tensor:
         first = payloads[0]
         if first.numel == 0:

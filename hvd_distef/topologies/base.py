@@ -86,10 +86,16 @@ class Topology:
         return [self.decode(buf[i * n:(i + 1) * n], shard) for i in range(buf.numel() // n if n else self.comm.size)]
 
     def server_compress(self, mean: torch.Tensor, segments: Segments, shard: int = 0) -> Payload:
-        """SPEC §1, server: p̃ = mean + (η_{t-1}/η_t)·ẽ;  Δ̃ = C(p̃);  ẽ <- p̃ − Δ̃, on one shard."""
+        """The server step on a mean already computed (by a reduction tree or ring), on one shard."""
         s = self.shards[shard]
         return self.server_memory.step(self.compressor, mean, window(segments, s.start, s.stop),
                                        [Shard(0, s.numel, s.block_sizes)])[0]
+
+    def server_reduce(self, payloads: List[Payload], segments: Segments, shard: int = 0) -> Payload:
+        """SPEC §1, server: p̃ = (1/M)·Σ_i Δ_i + (η_{t-1}/η_t)·ẽ;  Δ̃ = C(p̃);  ẽ <- p̃ − Δ̃, on one shard."""
+        s = self.shards[shard]
+        return self.server_memory.mean_step(self.compressor, payloads, window(segments, s.start, s.stop),
+                                            s.block_sizes)
 
     def state_dict(self) -> dict:
         """The server error where this rank holds one."""

@@ -1,7 +1,8 @@
 """``ps``: the parameter server of SPEC §3, the paper's architecture.
 
 Rank 0 is both a worker and the server. Every rank's compressed Δ_i is gathered on rank 0, which
-runs the server step of SPEC §1 and broadcasts the compressed Δ̃; every rank (rank 0 included)
+runs the server step of SPEC §1 (``Topology.server_reduce``: p̃ = (1/M)·Σ_i Δ_i + (η_{t-1}/η_t)·ẽ;
+Δ̃ = C(p̃); ẽ <- p̃ − Δ̃) and broadcasts the compressed Δ̃; every rank (rank 0 included)
 decompresses the same bytes, so all ranks apply bit-identical updates.
 
 Bytes per step (s = payload bytes): a non-root rank sends s and receives s; rank 0 receives
@@ -32,15 +33,10 @@ class ParameterServer(Topology):
         comm, s = self.comm, self.nbytes[0]
         gathered = comm.gather(payloads[0].to_bytes(), ROOT)
         if comm.rank == ROOT:
-            broadcast = self.server_step(self.decode_many(gathered), segments).to_bytes()
+            broadcast = self.server_reduce(self.decode_many(gathered), segments).to_bytes()
         else:
             broadcast = torch.empty(s, dtype=torch.uint8)
         comm.bcast(broadcast, ROOT)
         peers = (comm.size - 1) * s
         comm.count(sent=peers if comm.rank == ROOT else s, received=peers if comm.rank == ROOT else s)
         return self.compressor.decompress(self.decode(broadcast))
-
-    def server_step(self, payloads: List[Payload], segments: Segments) -> Payload:
-        """SPEC §1, server: p̃ = (1/M)·Σ_i Δ_i + (η_{t-1}/η_t)·ẽ;  Δ̃ = C(p̃);  ẽ <- p̃ − Δ̃."""
-        mean = self.compressor.decompress_mean(payloads)
-        return self.server_compress(mean, segments)

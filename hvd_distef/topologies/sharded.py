@@ -33,8 +33,7 @@ class Sharded(Topology):
         comm, me, sizes = self.comm, self.comm.rank, self.nbytes
         send = torch.cat([p.to_bytes() for p in payloads])
         mine = comm.alltoallv(send, sizes, [sizes[me]] * comm.size)     # shard `me` from every worker
-        mean = self.compressor.decompress_mean(self.decode_many(mine, me))
-        server = self.server_compress(mean, segments, me).to_bytes()      # the server step on shard `me`
+        server = self.server_reduce(self.decode_many(mine, me), segments, me).to_bytes()  # server step, shard `me`
         everything = comm.allgatherv(server, sizes)
         others = sum(sizes) - sizes[me]
         comm.count(sent=others + (comm.size - 1) * sizes[me], received=(comm.size - 1) * sizes[me] + others)

@@ -1,0 +1,307 @@
+// Fused CPU kernels for blockwise scaled sign with error feedback (SPEC §1, §2).
+//
+// Same signatures, bit order and results as hvd_distef/_torch_kernels.py: sign bits packed 8 per
+// byte, element i -> bit i%8 of byte i/8, bit set where x >= 0 (sign(0) = +1, also for -0.0).
+// Packed bits are identical to the torch path; scales agree to float rounding (the L1 sums are
+// accumulated in another order). Built with -ffp-contract=off so that p = d + r*e rounds the
+// product before the sum, exactly as the torch path does.
+//
+// Work is cut into "rounds" of consecutive blocks of about kRound elements (a huge block is a round
+// of its own), and rounds into tasks of at most kChunk elements. Per round: pass 1 computes
+// p = d + r*e, stores p in e and sums |p| per task (parallel over tasks); the block scales follow;
+// pass 2 packs the signs and writes e = p - scale*sign (parallel over tasks). A round's p is still
+// in cache for pass 2, so the step moves close to the minimum of ~12 bytes per element. Bytes of
+// bits shared by two tasks are OR-ed atomically.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;
+constexpr int64_t kRound = 1 << 20;
+
+using Segments = std::vector<std::tuple<int64_t, int64_t, double>>;  // (start, stop, ratio)
+
+struct Task {
+  int64_t block, lo, hi;
+};
+
+struct Layout {
+  std::vector<int64_t> offsets;  // block b spans [offsets[b], offsets[b+1])
+  std::vector<Task> tasks;
+  std::vector<size_t> round_ends;  // task index where each round ends
+};
+
+Layout make_layout(const std::vector<int64_t>& block_sizes, int64_t numel) {
+  Layout l;
+  l.offsets.resize(block_sizes.size() + 1, 0);
+  for (size_t b = 0; b < block_sizes.size(); ++b) {
+    TORCH_CHECK_VALUE(block_sizes[b] > 0, "block sizes must be positive, block ", b, " has ", block_sizes[b]);
+    l.offsets[b + 1] = l.offsets[b] + block_sizes[b];
+  }
+  TORCH_CHECK_VALUE(l.offsets.back() == numel, "block sizes sum to ", l.offsets.back(), ", the vector has ",
+                    numel, " elements");
+  int64_t in_round = 0;
+  for (size_t b = 0; b < block_sizes.size(); ++b) {
+    int64_t n = block_sizes[b];
+    if (in_round > 0 && in_round + n > kRound) {
+      l.round_ends.push_back(l.tasks.size());
+      in_round = 0;
+    }
+    for (int64_t lo = l.offsets[b]; lo < l.offsets[b + 1]; lo += kChunk)
+      l.tasks.push_back({(int64_t)b, lo, std::min(lo + kChunk, l.offsets[b + 1])});
+    in_round += n;
+  }
+  if (l.round_ends.empty() || l.round_ends.back() != l.tasks.size()) l.round_ends.push_back(l.tasks.size());
+  return l;
+}
+
+// Calls fn(lo, hi, ratio) for the parts of [lo, hi) covered by each segment (ratio 0 elsewhere).
+template <class F>
+void for_each_segment(const Segments& segs, int64_t lo, int64_t hi, F fn) {
+  int64_t at = lo;
+  for (const auto& s : segs) {
+    int64_t a = std::max(lo, std::get<0>(s)), b = std::min(hi, std::get<1>(s));
+    if (a >= b) continue;
+    if (at < a) fn(at, a, 0.0f);
+    fn(a, b, (float)std::get<2>(s));
+    at = b;
+  }
+  if (at < hi) fn(at, hi, 0.0f);
+}
+
+inline void or_byte(uint8_t* bits, int64_t byte, uint8_t v) {
+  if (v) __atomic_fetch_or(bits + byte, v, __ATOMIC_RELAXED);
+}
+
+// Pass 2 on [lo, hi): pack signs of p (read from src) and, when err is given, err = p -/+ scale.
+inline void sign_pass(const float* src, float* err, uint8_t* bits, int64_t lo, int64_t hi, float scale) {
+  int64_t i = lo;
+  uint8_t head = 0;
+  for (; i < hi && (i & 7); ++i) {
+    float p = src[i];
+    bool pos = p >= 0.0f;
+    head |= (uint8_t)pos << (i & 7);
+    if (err) err[i] = p - (pos ? scale : -scale);
+  }
+  or_byte(bits, (lo >> 3), (lo & 7) ? head : 0);
+  for (; i + 8 <= hi; i += 8) {
+    uint8_t byte = 0;
+    for (int k = 0; k < 8; ++k) {
+      float p = src[i + k];
+      bool pos = p >= 0.0f;
+      byte |= (uint8_t)pos << k;
+      if (err) err[i + k] = p - (pos ? scale : -scale);
+    }
+    bits[i >> 3] = byte;
+  }
+  uint8_t tail = 0;
+  int64_t tail_start = i;
+  for (; i < hi; ++i) {
+    float p = src[i];
+    bool pos = p >= 0.0f;
+    tail |= (uint8_t)pos << (i & 7);
+    if (err) err[i] = p - (pos ? scale : -scale);
+  }
+  if (tail_start < hi) or_byte(bits, tail_start >> 3, tail);
+}
+
+// The shared two-pass engine. pass1(lo, hi, block) returns sum |p| over [lo, hi) and leaves p where
+// pass 2 reads it (src); err is updated in pass 2 when non-null.
+template <class Pass1>
+std::tuple<torch::Tensor, torch::Tensor> two_pass(const Layout& l, int64_t numel, const float* src, float* err,
+                                                  Pass1 pass1, const torch::TensorOptions& opts) {
+  int64_t nblocks = (int64_t)l.offsets.size() - 1;
+  auto scales = torch::zeros({nblocks}, opts.dtype(torch::kFloat32));
+  auto bits = torch::zeros({(numel + 7) / 8}, opts.dtype(torch::kUInt8));
+  float* s = scales.data_ptr<float>();
+  uint8_t* b = bits.data_ptr<uint8_t>();
+  std::vector<double> partial(l.tasks.size(), 0.0);
+  size_t first = 0;
+  for (size_t end : l.round_ends) {
+    at::parallel_for(first, end, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) partial[t] = pass1(l.tasks[t].lo, l.tasks[t].hi, l.tasks[t].block);
+    });
+    for (size_t t = first; t < end;) {  // scales of the blocks of this round
+      int64_t blk = l.tasks[t].block;
+      double sum = 0.0;
+      for (; t < end && l.tasks[t].block == blk; ++t) sum += partial[t];
+      float scale = (float)(sum / (double)(l.offsets[blk + 1] - l.offsets[blk]));
+      TORCH_CHECK_VALUE(std::isfinite(scale), "blocksign: non-finite values (inf or NaN) in block ", blk,
+                        " (elements ", l.offsets[blk], " to ", l.offsets[blk + 1], "); check the gradients");
+      s[blk] = scale;
+    }
+    at::parallel_for(first, end, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) sign_pass(src, err, b, l.tasks[t].lo, l.tasks[t].hi, s[l.tasks[t].block]);
+    });
+    first = end;
+  }
+  return {scales, bits};
+}
+
+void check_vec(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.dtype() == torch::kFloat32 && t.dim() == 1 && t.is_contiguous(),
+                    what, " must be a contiguous 1-D float32 CPU tensor");
+}
+
+void check_payload(const torch::Tensor& scales, const torch::Tensor& bits, const Layout& l, int64_t numel) {
+  TORCH_CHECK_VALUE(scales.dtype() == torch::kFloat32 && scales.is_contiguous() &&
+                        scales.numel() == (int64_t)l.offsets.size() - 1,
+                    "scales must be float32 with one per block");
+  TORCH_CHECK_VALUE(bits.dtype() == torch::kUInt8 && bits.is_contiguous() && bits.numel() == (numel + 7) / 8,
+                    "bits must be uint8 with ceil(numel/8) bytes");
+}
+
+inline float signed_scale(const uint8_t* bits, int64_t i, float scale) {
+  return (bits[i >> 3] >> (i & 7)) & 1 ? scale : -scale;
+}
+
+// Calls fn(lo, hi, block) in parallel for every task.
+template <class F>
+void for_each_task(const Layout& l, F fn) {
+  at::parallel_for(0, (int64_t)l.tasks.size(), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) fn(l.tasks[t].lo, l.tasks[t].hi, l.tasks[t].block);
+  });
+}
+
+}  // namespace
+
+namespace {
+// Pass 1 of an error-feedback step: p = d_i + r*e_i stored in e, returns sum |p| over [lo, hi).
+template <class D>
+double feedback_pass1(D d, float* ep, const Segments& segments, int64_t lo, int64_t hi) {
+  double total = 0.0;
+  for_each_segment(segments, lo, hi, [&](int64_t a, int64_t b, float r) {
+    double acc = 0.0;  // double partial sums: scales as accurate as torch's reductions
+    if (r == 0.0f) {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = a; i < b; ++i) {
+        float p = d(i);
+        ep[i] = p;
+        acc += std::fabs(p);
+      }
+    } else {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = a; i < b; ++i) {
+        float t = r * ep[i];
+        float p = d(i) + t;
+        ep[i] = p;
+        acc += std::fabs(p);
+      }
+    }
+    total += acc;
+  });
+  return total;
+}
+
+struct Payloads {
+  std::vector<const float*> scales;
+  std::vector<const uint8_t*> bits;
+  Payloads(const std::vector<torch::Tensor>& s, const std::vector<torch::Tensor>& b, const Layout& l, int64_t n) {
+    TORCH_CHECK_VALUE(!s.empty() && s.size() == b.size(), "need as many scales as bits, at least one");
+    for (size_t m = 0; m < s.size(); ++m) {
+      check_payload(s[m], b[m], l, n);
+      scales.push_back(s[m].data_ptr<float>());
+      bits.push_back(b[m].data_ptr<uint8_t>());
+    }
+  }
+  // (((0 + v_0) + v_1) + ... + v_{M-1}) / M, the order of the torch path.
+  inline float mean(int64_t i, int64_t blk) const {
+    float acc = 0.0f;
+    for (size_t m = 0; m < scales.size(); ++m) acc += signed_scale(bits[m], i, scales[m][blk]);
+    return acc / (float)scales.size();
+  }
+};
+}  // namespace
+
+// p = d + r*e (r per segment); (scales, bits) = C(p); e <- p - C(p). Two passes over memory.
+std::tuple<torch::Tensor, torch::Tensor> blocksign_feedback(torch::Tensor d, torch::Tensor error,
+                                                            std::vector<int64_t> block_sizes, Segments segments) {
+  check_vec(d, "d");
+  check_vec(error, "error");
+  TORCH_CHECK_VALUE(d.numel() == error.numel(), "d and error differ in length");
+  int64_t n = d.numel();
+  Layout l = make_layout(block_sizes, n);
+  const float* dp = d.data_ptr<float>();
+  float* ep = error.data_ptr<float>();
+  auto pass1 = [&](int64_t lo, int64_t hi, int64_t) {
+    return feedback_pass1([dp](int64_t i) { return dp[i]; }, ep, segments, lo, hi);
+  };
+  return two_pass(l, n, ep, ep, pass1, d.options());
+}
+
+// (scales, bits) of x, without error feedback.
+std::tuple<torch::Tensor, torch::Tensor> blocksign_compress(torch::Tensor x, std::vector<int64_t> block_sizes) {
+  check_vec(x, "x");
+  int64_t n = x.numel();
+  Layout l = make_layout(block_sizes, n);
+  const float* xp = x.data_ptr<float>();
+  auto pass1 = [&](int64_t lo, int64_t hi, int64_t) {
+    double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = lo; i < hi; ++i) acc += std::fabs(xp[i]);
+    return acc;
+  };
+  return two_pass(l, n, xp, nullptr, pass1, x.options());
+}
+
+// scale_b * sign as a float32 vector.
+torch::Tensor blocksign_decompress(torch::Tensor scales, torch::Tensor bits, std::vector<int64_t> block_sizes,
+                                   int64_t numel) {
+  Layout l = make_layout(block_sizes, numel);
+  check_payload(scales, bits, l, numel);
+  auto out = torch::empty({numel}, scales.options());
+  float* o = out.data_ptr<float>();
+  const float* s = scales.data_ptr<float>();
+  const uint8_t* b = bits.data_ptr<uint8_t>();
+  for_each_task(l, [&](int64_t lo, int64_t hi, int64_t blk) {
+    for (int64_t i = lo; i < hi; ++i) o[i] = signed_scale(b, i, s[blk]);
+  });
+  return out;
+}
+
+// (1/M) * sum of M decompressed payloads: the server's first line.
+torch::Tensor blocksign_decompress_mean(std::vector<torch::Tensor> scales, std::vector<torch::Tensor> bits,
+                                        std::vector<int64_t> block_sizes, int64_t numel) {
+  Layout l = make_layout(block_sizes, numel);
+  Payloads in(scales, bits, l, numel);
+  auto out = torch::empty({numel}, torch::dtype(torch::kFloat32));
+  float* o = out.data_ptr<float>();
+  for_each_task(l, [&](int64_t lo, int64_t hi, int64_t blk) {
+    for (int64_t i = lo; i < hi; ++i) o[i] = in.mean(i, blk);
+  });
+  return out;
+}
+
+// The server step fused: p = (1/M)*sum_i C_i + r*e; (scales, bits) = C(p); e <- p - C(p),
+// without materialising the mean.
+std::tuple<torch::Tensor, torch::Tensor> blocksign_server_feedback(std::vector<torch::Tensor> scales,
+                                                                   std::vector<torch::Tensor> bits,
+                                                                   torch::Tensor error,
+                                                                   std::vector<int64_t> block_sizes,
+                                                                   Segments segments) {
+  check_vec(error, "error");
+  int64_t n = error.numel();
+  Layout l = make_layout(block_sizes, n);
+  Payloads in(scales, bits, l, n);
+  float* ep = error.data_ptr<float>();
+  auto pass1 = [&](int64_t lo, int64_t hi, int64_t blk) {
+    return feedback_pass1([&in, blk](int64_t i) { return in.mean(i, blk); }, ep, segments, lo, hi);
+  };
+  return two_pass(l, n, ep, ep, pass1, error.options());
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "hvd_distef's fused blockwise-sign kernels (CPU); see hvd_distef/_torch_kernels.py for the reference";
+  m.def("blocksign_feedback", &blocksign_feedback, "EF step: p = d + r e; C(p); e <- p - C(p)");
+  m.def("blocksign_compress", &blocksign_compress, "scales and packed signs of x");
+  m.def("blocksign_decompress", &blocksign_decompress, "scale_b * sign");
+  m.def("blocksign_decompress_mean", &blocksign_decompress_mean, "mean of M decompressed payloads");
+  m.def("blocksign_server_feedback", &blocksign_server_feedback, "server step: mean + r e, C, new e");
+}

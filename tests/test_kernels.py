@@ -1,0 +1,118 @@
+"""The compiled cpp_ops kernels against the pure-PyTorch path they stand in for (issue: packed
+bytes identical, scales and errors to float tolerance), on random data and edge cases."""
+import pytest
+import torch
+
+from conftest import mpi_env, run_mpi
+from hvd_distef import _kernels
+from hvd_distef import _torch_kernels as ref
+
+cpp = _kernels.compiled
+pytestmark = pytest.mark.skipif(cpp is None, reason="cpp_ops is not built (or HVD_DISTEF_FORCE_TORCH is set)")
+
+
+def rand(n, seed=0):
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+def split(n, pieces, seed=0):
+    """``pieces`` positive block sizes summing to n."""
+    gen = torch.Generator().manual_seed(seed)
+    cuts = sorted(torch.randperm(n - 1, generator=gen)[: pieces - 1].add(1).tolist())
+    return [b - a for a, b in zip([0] + cuts, cuts + [n])]
+
+
+CASES = {
+    "one": (rand(1), [1]),
+    "seven": (rand(7), [7]),
+    "eight": (rand(8), [3, 5]),
+    "nine": (rand(9), [9]),
+    "zeros": (torch.zeros(100), [50, 50]),
+    "negative_zero": (torch.tensor([-0.0, 0.0, -0.0, 1.0, -1.0, -0.0, 0.0, -0.0, -0.0]), [4, 5]),
+    "denormals": (torch.tensor([1e-45, -1e-45, 3e-42, -2e-40] * 5), [7, 13]),
+    "blocks_of_one": (rand(77, 1), [1] * 77),
+    "many_small_blocks": (rand(20_011, 2), split(20_011, 3000, 2)),
+    "large_odd_blocks": (rand(300_007, 3), [70_001, 3, 150_000, 80_003]),
+    "resnet_like": (rand(1_000_003, 4), split(1_000_003, 60, 4)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compress_and_decompress_match_torch(case):
+    x, blocks = CASES[case]
+    s_ref, b_ref = ref.blocksign_compress(x, blocks)
+    s, b = cpp.blocksign_compress(x, blocks)
+    assert torch.equal(b, b_ref)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)  # torch's float sums of big blocks err ~5e-6
+    torch.testing.assert_close(cpp.blocksign_decompress(s, b, blocks, x.numel()),
+                               ref.blocksign_decompress(s, b, blocks, x.numel()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_feedback_matches_torch(case):
+    d, blocks = CASES[case]
+    n = d.numel()
+    segments = [(0, n // 3, 0.5), (n // 3, n, 10.0)]  # two param groups with their own η_{t-1}/η_t
+    e_ref = rand(n, 9)
+    e = e_ref.clone()
+    s_ref, b_ref = ref.blocksign_feedback(d, e_ref, blocks, segments)
+    s, b = cpp.blocksign_feedback(d, e, blocks, segments)
+    assert torch.equal(b, b_ref)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)  # torch's float sums of big blocks err ~5e-6
+    torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-5 * s_ref.max().item())  # e absorbs the scale's
+
+
+@pytest.mark.parametrize("case", ["nine", "many_small_blocks", "large_odd_blocks"])
+def test_server_feedback_and_mean_match_torch(case):
+    x, blocks = CASES[case]
+    n = x.numel()
+    payloads = [ref.blocksign_compress(rand(n, seed), blocks) for seed in range(3)]
+    scales, bits = [p[0] for p in payloads], [p[1] for p in payloads]
+    assert torch.equal(cpp.blocksign_decompress_mean(scales, bits, blocks, n),
+                       ref.blocksign_decompress_mean(scales, bits, blocks, n))
+    e_ref = rand(n, 5)
+    e = e_ref.clone()
+    s_ref, b_ref = ref.blocksign_server_feedback(scales, bits, e_ref, blocks, [(0, n, 2.0)])
+    s, b = cpp.blocksign_server_feedback(scales, bits, e, blocks, [(0, n, 2.0)])
+    assert torch.equal(b, b_ref)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)  # torch's float sums of big blocks err ~5e-6
+    torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-5 * s_ref.max().item())  # e absorbs the scale's
+
+
+def test_ratio_zero_keeps_d_exactly():
+    d, e = rand(1000), rand(1000, 1)
+    cpp.blocksign_feedback(d, e, [1000], [(0, 1000, 0.0)])
+    s, b = ref.blocksign_compress(d, [1000])
+    torch.testing.assert_close(e, d - ref.blocksign_decompress(s, b, [1000], 1000))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("path", ["cpp", "torch"])
+def test_non_finite_input_is_rejected(bad, path):
+    x = rand(100)
+    x[37] = bad
+    fn = (cpp if path == "cpp" else ref).blocksign_compress
+    with pytest.raises(ValueError, match="non-finite"):
+        fn(x, [30, 70])
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: cpp.blocksign_compress(torch.zeros(10), [4, 5]), "sum to 9"),
+    (lambda: cpp.blocksign_compress(torch.zeros(10, dtype=torch.float64), [10]), "float32"),
+    (lambda: cpp.blocksign_decompress(torch.zeros(2), torch.zeros(1, dtype=torch.uint8), [5, 5], 10), "bits"),
+])
+def test_bad_arguments_raise_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_multi_rank_run_agrees_with_torch_path(tmp_path):
+    """Two ranks, `ps` + blocksign: ranks identical within each path, the paths agree to float rounding."""
+    finals = {}
+    for force in ("0", "1"):
+        out = tmp_path / f"force{force}.pt"
+        env = dict(mpi_env(), HVD_DISTEF_FORCE_TORCH=force)
+        run_mpi(2, ["tests/mpi/train_and_dump.py", out], env=env)
+        finals[force] = torch.load(out)
+    assert finals["0"]["compiled"] and not finals["1"]["compiled"]
+    torch.testing.assert_close(finals["0"]["params"], finals["1"]["params"], rtol=1e-5, atol=1e-6)
