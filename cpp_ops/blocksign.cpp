@@ -158,6 +158,16 @@ void check_payload(const torch::Tensor& scales, const torch::Tensor& bits, const
                     "bits must be uint8 with ceil(numel/8) bytes");
 }
 
+// kSigns[byte][k] = +1 if bit k of byte is set, else -1: unpacks 8 signs with one vector load.
+struct SignTable {
+  alignas(32) float v[256][8];
+  SignTable() {
+    for (int b = 0; b < 256; ++b)
+      for (int k = 0; k < 8; ++k) v[b][k] = ((b >> k) & 1) ? 1.0f : -1.0f;
+  }
+};
+const SignTable kSigns;
+
 inline float signed_scale(const uint8_t* bits, int64_t i, float scale) {
   return (bits[i >> 3] >> (i & 7)) & 1 ? scale : -scale;
 }
@@ -211,11 +221,27 @@ struct Payloads {
       bits.push_back(b[m].data_ptr<uint8_t>());
     }
   }
-  // (((0 + v_0) + v_1) + ... + v_{M-1}) / M, the order of the torch path.
-  inline float mean(int64_t i, int64_t blk) const {
+  // out[0 .. hi-lo) = (((0 + v_0) + v_1) + ... + v_{M-1}) / M over [lo, hi) of block blk, the order
+  // of the torch path; whole bytes of bits are unpacked 8 elements at a time.
+  void mean_range(int64_t lo, int64_t hi, int64_t blk, float* out) const {
+    const float count = (float)scales.size();
+    int64_t i = lo;
+    for (; i < hi && (i & 7); ++i) out[i - lo] = mean_at(i, blk) / count;
+    for (; i + 8 <= hi; i += 8) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (size_t m = 0; m < scales.size(); ++m) {
+        const float* sign = kSigns.v[bits[m][i >> 3]];
+        const float sc = scales[m][blk];
+        for (int k = 0; k < 8; ++k) acc[k] += sign[k] * sc;  // ±1 · s is exact
+      }
+      for (int k = 0; k < 8; ++k) out[i - lo + k] = acc[k] / count;
+    }
+    for (; i < hi; ++i) out[i - lo] = mean_at(i, blk) / count;
+  }
+  inline float mean_at(int64_t i, int64_t blk) const {
     float acc = 0.0f;
     for (size_t m = 0; m < scales.size(); ++m) acc += signed_scale(bits[m], i, scales[m][blk]);
-    return acc / (float)scales.size();
+    return acc;
   }
 };
 }  // namespace
@@ -251,32 +277,25 @@ std::tuple<torch::Tensor, torch::Tensor> blocksign_compress(torch::Tensor x, std
   return two_pass(l, n, xp, nullptr, pass1, x.options());
 }
 
-// scale_b * sign as a float32 vector.
-torch::Tensor blocksign_decompress(torch::Tensor scales, torch::Tensor bits, std::vector<int64_t> block_sizes,
-                                   int64_t numel) {
+// (1/M) * sum of M decompressed payloads: the server's first line.
+// ``out``, when given, is written instead of a new tensor (saves a page-faulting allocation per step).
+torch::Tensor blocksign_decompress_mean(std::vector<torch::Tensor> scales, std::vector<torch::Tensor> bits,
+                                        std::vector<int64_t> block_sizes, int64_t numel,
+                                        c10::optional<torch::Tensor> out_) {
   Layout l = make_layout(block_sizes, numel);
-  check_payload(scales, bits, l, numel);
-  auto out = torch::empty({numel}, scales.options());
+  Payloads in(scales, bits, l, numel);
+  torch::Tensor out = out_.has_value() ? *out_ : torch::empty({numel}, torch::dtype(torch::kFloat32));
+  check_vec(out, "out");
+  TORCH_CHECK_VALUE(out.numel() == numel, "out has ", out.numel(), " elements, expected ", numel);
   float* o = out.data_ptr<float>();
-  const float* s = scales.data_ptr<float>();
-  const uint8_t* b = bits.data_ptr<uint8_t>();
-  for_each_task(l, [&](int64_t lo, int64_t hi, int64_t blk) {
-    for (int64_t i = lo; i < hi; ++i) o[i] = signed_scale(b, i, s[blk]);
-  });
+  for_each_task(l, [&](int64_t lo, int64_t hi, int64_t blk) { in.mean_range(lo, hi, blk, o + lo); });
   return out;
 }
 
-// (1/M) * sum of M decompressed payloads: the server's first line.
-torch::Tensor blocksign_decompress_mean(std::vector<torch::Tensor> scales, std::vector<torch::Tensor> bits,
-                                        std::vector<int64_t> block_sizes, int64_t numel) {
-  Layout l = make_layout(block_sizes, numel);
-  Payloads in(scales, bits, l, numel);
-  auto out = torch::empty({numel}, torch::dtype(torch::kFloat32));
-  float* o = out.data_ptr<float>();
-  for_each_task(l, [&](int64_t lo, int64_t hi, int64_t blk) {
-    for (int64_t i = lo; i < hi; ++i) o[i] = in.mean(i, blk);
-  });
-  return out;
+// scale_b * sign as a float32 vector.
+torch::Tensor blocksign_decompress(torch::Tensor scales, torch::Tensor bits, std::vector<int64_t> block_sizes,
+                                   int64_t numel, c10::optional<torch::Tensor> out) {
+  return blocksign_decompress_mean({scales}, {bits}, block_sizes, numel, out);
 }
 
 // The server step fused: p = (1/M)*sum_i C_i + r*e; (scales, bits) = C(p); e <- p - C(p),
@@ -292,7 +311,11 @@ std::tuple<torch::Tensor, torch::Tensor> blocksign_server_feedback(std::vector<t
   Payloads in(scales, bits, l, n);
   float* ep = error.data_ptr<float>();
   auto pass1 = [&](int64_t lo, int64_t hi, int64_t blk) {
-    return feedback_pass1([&in, blk](int64_t i) { return in.mean(i, blk); }, ep, segments, lo, hi);
+    thread_local std::vector<float> mean;  // one task's mean, still in cache for pass 1
+    mean.resize(kChunk);
+    in.mean_range(lo, hi, blk, mean.data());
+    const float* m = mean.data() - lo;
+    return feedback_pass1([m](int64_t i) { return m[i]; }, ep, segments, lo, hi);
   };
   return two_pass(l, n, ep, ep, pass1, error.options());
 }
@@ -301,7 +324,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hvd_distef's fused blockwise-sign kernels (CPU); see hvd_distef/_torch_kernels.py for the reference";
   m.def("blocksign_feedback", &blocksign_feedback, "EF step: p = d + r e; C(p); e <- p - C(p)");
   m.def("blocksign_compress", &blocksign_compress, "scales and packed signs of x");
-  m.def("blocksign_decompress", &blocksign_decompress, "scale_b * sign");
-  m.def("blocksign_decompress_mean", &blocksign_decompress_mean, "mean of M decompressed payloads");
+  m.def("blocksign_decompress", &blocksign_decompress, "scale_b * sign", py::arg("scales"), py::arg("bits"),
+        py::arg("block_sizes"), py::arg("numel"), py::arg("out") = py::none());
+  m.def("blocksign_decompress_mean", &blocksign_decompress_mean, "mean of M decompressed payloads",
+        py::arg("scales"), py::arg("bits"), py::arg("block_sizes"), py::arg("numel"), py::arg("out") = py::none());
   m.def("blocksign_server_feedback", &blocksign_server_feedback, "server step: mean + r e, C, new e");
 }

@@ -37,16 +37,16 @@ def blocksign_compress(x, block_sizes):
     return _pick(x).blocksign_compress(x, list(block_sizes))
 
 
-def blocksign_decompress(scales, bits, block_sizes, numel):
-    return _pick(scales).blocksign_decompress(scales, bits, list(block_sizes), numel)
+def blocksign_decompress(scales, bits, block_sizes, numel, out=None):
+    return _pick(scales).blocksign_decompress(scales, bits, list(block_sizes), numel, out=out)
 
 
 def blocksign_feedback(d, error, block_sizes, segments):
     return _pick(d).blocksign_feedback(d, error, list(block_sizes), list(segments))
 
 
-def blocksign_decompress_mean(scales, bits, block_sizes, numel):
-    return _pick(scales[0]).blocksign_decompress_mean(list(scales), list(bits), list(block_sizes), numel)
+def blocksign_decompress_mean(scales, bits, block_sizes, numel, out=None):
+    return _pick(scales[0]).blocksign_decompress_mean(list(scales), list(bits), list(block_sizes), numel, out=out)
 
 
 def blocksign_server_feedback(scales, bits, error, block_sizes, segments):

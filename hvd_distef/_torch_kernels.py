@@ -3,7 +3,7 @@ compiled ``cpp_ops`` are absent or the tensors are on CUDA, and the reference th
 against (same signatures, same bits, scales to float rounding)."""
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -78,9 +78,9 @@ def blocksign_compress(x: torch.Tensor, block_sizes: Sequence[int]) -> Tuple[tor
 
 
 def blocksign_decompress(scales: torch.Tensor, bits: torch.Tensor, block_sizes: Sequence[int],
-                         numel: int) -> torch.Tensor:
-    """C(x) = scale_b · sign(x_b) as a float32 [numel] vector."""
-    return unpack_signs(bits, numel).mul_(expand_blocks(scales, block_sizes, numel))
+                         numel: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """C(x) = scale_b · sign(x_b) as a float32 [numel] vector (written into ``out`` when given)."""
+    return torch.mul(unpack_signs(bits, numel), expand_blocks(scales, block_sizes, numel), out=out)
 
 
 def blocksign_feedback(d: torch.Tensor, error: torch.Tensor, block_sizes: Sequence[int],
@@ -93,9 +93,10 @@ def blocksign_feedback(d: torch.Tensor, error: torch.Tensor, block_sizes: Sequen
 
 
 def blocksign_decompress_mean(scales: List[torch.Tensor], bits: List[torch.Tensor],
-                              block_sizes: Sequence[int], numel: int) -> torch.Tensor:
+                              block_sizes: Sequence[int], numel: int,
+                              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(1/M)·Σ_i C_i for M blocksign payloads: the server's first line in SPEC §1."""
-    acc = torch.zeros(numel, dtype=torch.float32, device=scales[0].device)
+    acc = torch.zeros(numel, dtype=torch.float32, device=scales[0].device) if out is None else out.zero_()
     for s, b in zip(scales, bits):
         acc.add_(blocksign_decompress(s, b, block_sizes, numel))
     return acc.div_(len(scales))

@@ -85,6 +85,10 @@ class DistributedOptimizer(torch.optim.SGD):
             "ef": self._ef_step, "sgd": self._sgd_step, "signum": self._signum_step}[rule]
 
         zeros = lambda: torch.zeros(self.numel, dtype=torch.float32, device=self.device)  # noqa: E731
+        # Flat buffers allocated once: fresh 100 MB tensors every step cost more in page faults than
+        # the arithmetic. _grad holds g, then d; _scratch holds temporaries of one group at a time.
+        self._grad = zeros()
+        self._scratch = zeros() if rule != "sgd" else None
         self._momentum = zeros() if rule in ("ef", "signum") and self._any("momentum") else None
         self._wd_buffer = zeros() if rule == "ef" and self._any("weight_decay") else None
         self._worker_memory = ErrorMemory(self.numel, self.device) if rule == "ef" else None
@@ -195,14 +199,14 @@ class DistributedOptimizer(torch.optim.SGD):
                              f"more than backward_passes_per_step={self.backward_passes_per_step}; raise it "
                              f"or call step() more often")
         parts = []
-        for p in self._params:
+        for p, view in zip(self._params, self._views(self._grad, 0, self._params)):
             if p.grad is None:
-                parts.append(torch.zeros(p.numel(), device=self.device))
+                parts.append(view.zero_().reshape(-1))
             elif p.grad.is_sparse:
                 raise ValueError("sparse gradients are not supported; use dense embeddings")
             else:
                 parts.append(p.grad.reshape(-1))
-        grad = torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+        grad = torch.cat(parts, out=self._grad) if parts else self._grad
         if self.backward_passes_per_step > 1:
             grad.div_(self.backward_passes_per_step)
         return grad
@@ -243,29 +247,37 @@ class DistributedOptimizer(torch.optim.SGD):
             m, g = self._momentum[start:stop], grad[start:stop]
             m.mul_(mu).add_(g)
             if group["nesterov"]:
-                g.copy_(torch.mul(m, mu).add_(g))
+                g.add_(torch.mul(m, mu, out=self._scratch[start:stop]))
             else:
                 g.copy_(m)
         return grad
 
     def _apply(self, delta: torch.Tensor) -> None:
         """Weight decay with its own momentum w (uncompressed), then x = x − η·u (SPEC §1)."""
-        for (start, _), group in zip(self._group_bounds, self.param_groups):
-            params = group["params"]
-            u = self._views(delta, start, params)
+        for (start, stop), group in zip(self._group_bounds, self.param_groups):
+            u = delta[start:stop]
             mu, wd = group["momentum"], group["weight_decay"]
             if wd != 0:
-                w = self._views(self._wd_buffer, start, params)
-                decay = torch._foreach_mul(params, wd)                # λ·x
-                torch._foreach_mul_(w, mu)
-                torch._foreach_add_(w, decay)                          # w = μ·w + λ·x
+                decay = self._decay(start, stop, group)              # λ·x
+                w = self._wd_buffer[start:stop]
+                w.mul_(mu).add_(decay)                                 # w = μ·w + λ·x
                 if group["nesterov"]:
-                    torch._foreach_add_(u, torch._foreach_mul(w, mu))
-                    torch._foreach_add_(u, decay)                      # u = Δ̃ + μ·w + λ·x
+                    u.add_(torch.mul(w, mu, out=self._grad[start:stop])).add_(decay)  # u = Δ̃ + μ·w + λ·x
                 else:
-                    torch._foreach_add_(u, w)                          # u = Δ̃ + w
-            if params:
-                torch._foreach_sub_(params, torch._foreach_mul(u, group["lr"]))
+                    u.add_(w)                                          # u = Δ̃ + w
+            self._descend(u, start, group)
+
+    def _decay(self, start: int, stop: int, group: dict) -> torch.Tensor:
+        """λ·x for one param group, flat, in the scratch buffer."""
+        x = self._scratch[start:stop]
+        if group["params"]:
+            torch.cat([p.reshape(-1) for p in group["params"]], out=x)
+        return x.mul_(group["weight_decay"])
+
+    def _descend(self, u: torch.Tensor, start: int, group: dict) -> None:
+        """x = x − η·u for one param group (u flat; overwritten)."""
+        if group["params"]:
+            torch._foreach_sub_(group["params"], self._views(u.mul_(group["lr"]), 0, group["params"]))
 
     @staticmethod
     def _views(flat: torch.Tensor, start: int, params: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -280,19 +292,17 @@ class DistributedOptimizer(torch.optim.SGD):
         for (start, stop), group in zip(self._group_bounds, self.param_groups):
             mu = group["momentum"]
             if mu != 0:
-                m = self._momentum[start:stop]
-                grad[start:stop] = m.mul_(mu).add_(torch.mul(grad[start:stop], 1 - mu))
+                m, g = self._momentum[start:stop], grad[start:stop]
+                g.copy_(m.mul_(mu).add_(torch.mul(g, 1 - mu, out=self._scratch[start:stop])))
         with self._timed("compress"):
             signs = _kernels.pack_signs(grad)
         with self._timed("exchange"):
             vote = self.topology.exchange(signs)
-        for (start, _), group in zip(self._group_bounds, self.param_groups):
-            params = group["params"]
-            u = self._views(vote, start, params)
+        for (start, stop), group in zip(self._group_bounds, self.param_groups):
+            u = vote[start:stop]
             if group["weight_decay"] != 0:
-                torch._foreach_add_(u, torch._foreach_mul(params, group["weight_decay"]))
-            if params:
-                torch._foreach_sub_(params, torch._foreach_mul(u, group["lr"]))
+                u.add_(self._decay(start, stop, group))
+            self._descend(u, start, group)
 
     def _sgd_step(self, grad: torch.Tensor) -> None:
         """Stock SGDM: the topology averages the gradient, then torch's own SGD update runs."""

@@ -41,6 +41,11 @@ class Compressor:
     def decompress(self, payload: Payload) -> torch.Tensor:
         raise NotImplementedError
 
+    def decompress_into(self, payload: Payload, out: torch.Tensor) -> torch.Tensor:
+        """``decompress`` written into ``out`` (a float32 vector of payload.numel), which is returned.
+        Topologies call it every step with the same buffer; override it to skip the copy."""
+        return out.copy_(self.decompress(payload))
+
     # --- shared machinery ------------------------------------------------------------------
     def blocks(self, tensor_sizes: Sequence[int]) -> List[int]:
         """Block boundaries for a fused buffer of tensors with these sizes (default: one block)."""

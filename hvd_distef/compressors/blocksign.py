@@ -73,6 +73,12 @@ class BlockSign(Compressor):
         return _kernels.blocksign_decompress(payload["scales"], payload["bits"], payload.block_sizes,
                                              payload.numel)
 
+    def decompress_into(self, payload: Payload, out: torch.Tensor) -> torch.Tensor:
+        if payload.numel == 0:
+            return out
+        return _kernels.blocksign_decompress(payload["scales"], payload["bits"], payload.block_sizes, payload.numel,
+                                             out=out)
+
     def compress_with_feedback(self, d, error, block_sizes, segments) -> Payload:
         if d.numel() == 0:
             return self._empty(d)

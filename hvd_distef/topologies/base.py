@@ -45,6 +45,9 @@ class Topology:
         self.layouts = [compressor.layout(s.numel, s.block_sizes) for s in self.shards]
         self.nbytes = [layout_nbytes(layout) for layout in self.layouts]
         self.server_memory: Optional[ErrorMemory] = None  # set where this rank holds a server error
+        # Δ̃ is decompressed into this buffer every step (no page-faulting allocation per step);
+        # what ``exchange`` returns is valid until the next exchange.
+        self.delta = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
 
     def make_shards(self, tensor_sizes: Sequence[int]) -> List[Shard]:
         """How a worker's vector is cut into payloads: one shard by default."""
@@ -90,6 +93,12 @@ class Topology:
         s = self.shards[shard]
         return self.server_memory.step(self.compressor, mean, window(segments, s.start, s.stop),
                                        [Shard(0, s.numel, s.block_sizes)])[0]
+
+    def decompress_shards(self, bufs: List[torch.Tensor]) -> torch.Tensor:
+        """Δ̃ from the wire bytes of every shard, into ``self.delta``."""
+        for j, (buf, s) in enumerate(zip(bufs, self.shards)):
+            self.compressor.decompress_into(self.decode(buf, j), self.delta[s.start:s.stop])
+        return self.delta
 
     def server_reduce(self, payloads: List[Payload], segments: Segments, shard: int = 0) -> Payload:
         """SPEC §1, server: p̃ = (1/M)·Σ_i Δ_i + (η_{t-1}/η_t)·ẽ;  Δ̃ = C(p̃);  ẽ <- p̃ − Δ̃, on one shard."""

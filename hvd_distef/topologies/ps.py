@@ -39,4 +39,4 @@ class ParameterServer(Topology):
         comm.bcast(broadcast, ROOT)
         peers = (comm.size - 1) * s
         comm.count(sent=peers if comm.rank == ROOT else s, received=peers if comm.rank == ROOT else s)
-        return self.compressor.decompress(self.decode(broadcast))
+        return self.decompress_shards([broadcast])

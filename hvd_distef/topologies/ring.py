@@ -54,4 +54,4 @@ class Ring(Topology):
             chunks[in_chunk] = comm.sendrecv(chunks[out_chunk], right, sizes[in_chunk], left)
             sent, received = sent + sizes[out_chunk], received + sizes[in_chunk]
         comm.count(sent=sent, received=received)
-        return torch.cat([self.compressor.decompress(self.decode(chunks[j], j)) for j in range(M)])
+        return self.decompress_shards([chunks[j] for j in range(M)])

@@ -64,4 +64,4 @@ class Tree(Topology):
             comm.send(down, child)
         up = 0 if self.parent is None else s
         comm.count(sent=up + len(self.children) * s, received=len(self.children) * s + up)
-        return self.compressor.decompress(self.decode(down))
+        return self.decompress_shards([down])
