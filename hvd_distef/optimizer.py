@@ -14,7 +14,7 @@ from . import _kernels
 from .comm import Comm
 from .compressors import Compression, get_compressor
 from .error_feedback import ErrorMemory, lr_ratio_segments
-from .errors import NonFiniteGradientError
+from .errors import HvdDistefError, NonFiniteGradientError
 from .topologies import get_topology
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -42,6 +42,9 @@ class DistributedOptimizer(torch.optim.SGD):
         nonfinite: ``"raise"`` (every rank raises ``NonFiniteGradientError`` before touching any
             buffer) or ``"skip"`` (the step is skipped on every rank and counted).
         comm: an mpi4py communicator to use instead of ``MPI.COMM_WORLD`` (it is duplicated).
+        timeout_s: abort the job when one of our collectives waits longer than this (a dead or hung
+            peer); default: the HVD_DISTEF_TIMEOUT_S environment variable, else 300 s. The wait
+            includes the other ranks' compute time before they reach the exchange.
 
     A parameter whose gradient is None counts as a zero gradient, on every rank, every step.
     """
@@ -49,7 +52,8 @@ class DistributedOptimizer(torch.optim.SGD):
     def __init__(self, optimizer: torch.optim.Optimizer,
                  named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
                  compression=Compression.blocksign, topology: str = "ps",
-                 backward_passes_per_step: int = 1, nonfinite: str = "raise", comm=None):
+                 backward_passes_per_step: int = 1, nonfinite: str = "raise", comm=None,
+                 timeout_s: Optional[float] = None):
         if not isinstance(optimizer, torch.optim.SGD):
             raise TypeError(f"hvd_distef.DistributedOptimizer wraps torch.optim.SGD (the algorithm of SPEC §1 "
                             f"is SGD with momentum), got {type(optimizer).__name__}")
@@ -74,7 +78,7 @@ class DistributedOptimizer(torch.optim.SGD):
         self.numel = sum(self._sizes)
         self.device = self._params[0].device if self._params else torch.device("cpu")
 
-        self.comm = Comm(comm)
+        self.comm = Comm(comm, timeout_s)
         self._topology_name = topology
         self._check_ranks_agree()
         self.topology = topology_cls(self.comm, self.compressor, self._sizes, self.device)
@@ -181,8 +185,11 @@ class DistributedOptimizer(torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad = self._fused_grad()
-        if self._nonfinite_on_some_rank(grad):
+        try:
+            grad, failure = self._fused_grad(), None
+        except (ValueError, RuntimeError) as exc:  # told to every rank below, instead of a hang
+            grad, failure = None, exc
+        if self._bad_step_on_some_rank(grad, failure):
             self._skipped_steps += 1
             return loss
         self._update(grad)
@@ -199,9 +206,9 @@ class DistributedOptimizer(torch.optim.SGD):
                              f"more than backward_passes_per_step={self.backward_passes_per_step}; raise it "
                              f"or call step() more often")
         parts = []
-        for p, view in zip(self._params, self._views(self._grad, 0, self._params)):
+        for p in self._params:
             if p.grad is None:
-                parts.append(view.zero_().reshape(-1))
+                parts.append(torch.zeros(p.numel(), device=self.device))
             elif p.grad.is_sparse:
                 raise ValueError("sparse gradients are not supported; use dense embeddings")
             else:
@@ -211,18 +218,24 @@ class DistributedOptimizer(torch.optim.SGD):
             grad.div_(self.backward_passes_per_step)
         return grad
 
-    def _nonfinite_on_some_rank(self, grad: torch.Tensor) -> bool:
-        """Decided collectively, before any buffer changes: True to skip, raise under "raise"."""
-        # One reduction: the sum is non-finite iff some element is (or, harmlessly, it overflows).
-        suspect = bool(grad.numel()) and not bool(torch.isfinite(grad.sum()))
+    def _bad_step_on_some_rank(self, grad: Optional[torch.Tensor], failure: Optional[Exception]) -> bool:
+        """Decided collectively, before any buffer changes, in one small allreduce per step: a rank
+        whose local preparation failed makes every rank raise; a non-finite gradient on some rank
+        makes every rank raise (or, under nonfinite="skip", skip the step: returns True)."""
         bad = []
-        if suspect:
+        # One reduction: the sum is non-finite iff some element is (or, harmlessly, it overflows).
+        if grad is not None and grad.numel() and not bool(torch.isfinite(grad.sum())):
             bad = [n for n, part in zip(self._names, grad.split(self._sizes))
                    if not bool(torch.isfinite(part).all())]
-        if not self.comm.any(bool(bad)):
+        if not self.comm.any(bool(bad) or failure is not None):
             return False
-        report = "; ".join(f"rank {r}: {', '.join(names)}"
-                           for r, names in enumerate(self.comm.allgather_obj(bad)) if names)
+        reports = self.comm.allgather_obj((bad, None if failure is None else f"{type(failure).__name__}: {failure}"))
+        failures = [f"rank {r}: {msg}" for r, (_, msg) in enumerate(reports) if msg]
+        if failures:
+            if failure is not None:
+                raise failure
+            raise HvdDistefError("step() failed on another rank before the exchange (" + "; ".join(failures) + ")")
+        report = "; ".join(f"rank {r}: {', '.join(names)}" for r, (names, _) in enumerate(reports) if names)
         if self.nonfinite == "raise":
             raise NonFiniteGradientError(f"non-finite gradient ({report}); nothing was updated. "
                                          f"Lower the lr, check the data, or pass nonfinite='skip'")

@@ -31,7 +31,8 @@ class Allreduce(Topology):
         """The average of every rank's gradient."""
         size = self.comm.size
         wire = grad.to(self.wire_dtype)
-        self.hvd.allreduce_(wire, op=self.hvd.Average, name="hvd_distef.allreduce")
+        with self.comm.watch("Horovod allreduce"):
+            self.hvd.allreduce_(wire, op=self.hvd.Average, name="hvd_distef.allreduce")
         volume = 2 * (size - 1) * self.numel * wire.element_size() / size
         self.comm.count(sent=volume, received=volume)
         return wire.to(torch.float32)
