@@ -4,7 +4,9 @@ MPIEXEC ?= mpirun
 NP      ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+SLURM_DIR ?= /tmp/hvd_distef_slurm
+
+.PHONY: install test demo clean slurm-up slurm-down
 
 install:
 	@bash scripts/install.sh
@@ -14,6 +16,12 @@ test: install
 
 demo: install
 	MPIEXEC=$(MPIEXEC) NP=$(NP) bash launch/demo.sh
+
+slurm-up: install
+	bash launch/slurm/local_cluster.sh up $(SLURM_DIR)
+
+slurm-down:
+	bash launch/slurm/local_cluster.sh down $(SLURM_DIR)
 
 clean:
 	rm -rf build *.egg-info runs .pytest_cache

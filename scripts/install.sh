@@ -20,6 +20,14 @@ if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1; th
   apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
 fi
 
+# A one-node Slurm for tests/test_slurm.py and `make slurm-up` (root only; skipped otherwise).
+if [ "$(id -u)" = 0 ] && ! command -v slurmctld >/dev/null 2>&1; then
+  say "installing Slurm and munge from Debian's packages"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq slurmd slurmctld slurm-client munge >/dev/null
+fi
+
 if [ ! -x "$PY" ]; then
   say "creating $VENV"
   python3 -m venv "$VENV"
