@@ -1,0 +1,150 @@
+"""An emulated cluster on one machine: one network namespace per rank, veth pairs into a bridge
+that is connected to nothing else, each link limited with netem (rate and delay, both ends), and
+mpirun started inside the first namespace over TCP only.
+
+Needs root (it refuses with a clear message otherwise) and always cleans up: namespaces, bridge,
+its hosts-file lines, also after an error or Ctrl-C.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+PREFIX = "hvdr"          # namespace names hvdr0, hvdr1, ...
+BRIDGE = "hvdbr0"
+SUBNET = "10.77.0"
+HOSTS = Path("/etc/hosts")
+MARK = "# hvd_distef netem"
+
+
+class HarnessError(RuntimeError):
+    pass
+
+
+def _ip(*args: str, ns: Optional[str] = None) -> subprocess.CompletedProcess:
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise HarnessError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
+    return proc
+
+
+def rate_bits(rate: str) -> float:
+    """'1gbit' -> 1e9."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1}
+    for unit, scale in units.items():
+        if rate.endswith(unit):
+            return float(rate[: -len(unit)]) * scale
+    raise ValueError(f"rate must end in kbit, mbit or gbit, got {rate!r}")
+
+
+def can_run() -> Optional[str]:
+    """None when namespaces can be made here, else why not."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, veth, tc)"
+    for tool in ("ip", "tc"):
+        if subprocess.run(["which", tool], capture_output=True).returncode:
+            return f"{tool} is missing (apt-get install iproute2)"
+    probe = subprocess.run(["ip", "netns", "add", f"{PREFIX}probe"], capture_output=True, text=True)
+    if probe.returncode:
+        return f"cannot create a network namespace: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", f"{PREFIX}probe"], capture_output=True)
+    return None
+
+
+class EmulatedCluster:
+    """``with EmulatedCluster(4, rate="1gbit", delay="0.1ms") as c: c.mpirun([...])``."""
+
+    def __init__(self, ranks: int, rate: str = "1gbit", delay: Optional[str] = None):
+        self.ranks, self.rate, self.delay = ranks, rate, delay
+        self.names = [f"{PREFIX}{i}" for i in range(ranks)]
+        self.tmp = Path(tempfile.mkdtemp(prefix="hvd_netem_"))
+        self._old_handlers = {}
+
+    def __enter__(self) -> "EmulatedCluster":
+        why = can_run()
+        if why:
+            raise HarnessError(f"benchmarks/netem: {why}")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self._up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def _on_signal(self, signum, frame):
+        self.down()
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def _shape(self, dev: str, ns: Optional[str] = None) -> None:
+        """A token bucket at ``rate`` (burst: 10 ms of traffic), and netem's delay under it if asked."""
+        burst = max(32_000, int(rate_bits(self.rate) / 8 / 100))
+        _ip("tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", "tbf", "rate", self.rate,
+            "burst", str(burst), "latency", "100ms", ns=ns)
+        if self.delay:
+            _ip("tc", "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "netem", "delay", self.delay,
+                ns=ns)
+
+    def _up(self) -> None:
+        self.down(quiet=True)  # leftovers of a killed run
+        _ip("ip", "link", "add", BRIDGE, "type", "bridge")
+        _ip("ip", "link", "set", BRIDGE, "up")
+        lines = []
+        for i, ns in enumerate(self.names):
+            host_end, addr = f"{PREFIX}v{i}", f"{SUBNET}.{i + 1}"
+            _ip("ip", "netns", "add", ns)
+            _ip("ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("ip", "link", "set", host_end, "master", BRIDGE)
+            _ip("ip", "link", "set", host_end, "up")
+            _ip("ip", "addr", "add", f"{addr}/24", "dev", "eth0", ns=ns)
+            _ip("ip", "link", "set", "eth0", "up", ns=ns)
+            _ip("ip", "link", "set", "lo", "up", ns=ns)
+            self._shape(host_end)
+            self._shape("eth0", ns=ns)
+            lines.append(f"{addr} {ns} {MARK}")
+        with HOSTS.open("a") as f:
+            f.write("\n".join(lines) + "\n")
+        (self.tmp / "hostfile").write_text("".join(f"{ns} slots=1\n" for ns in self.names))
+        agent = self.tmp / "agent.sh"
+        agent.write_text('#!/bin/sh\nhost="$1"; shift\nexec ip netns exec "$host" sh -c "$*"\n')
+        agent.chmod(0o755)
+
+    def down(self, quiet: bool = False) -> None:
+        """Remove every namespace, the bridge and the hosts-file lines this harness adds."""
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+        for line in listed:
+            name = line.split(" ")[0]
+            if name.startswith(PREFIX):
+                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
+        if HOSTS.exists() and MARK in HOSTS.read_text():
+            HOSTS.write_text("".join(l for l in HOSTS.read_text().splitlines(True) if MARK not in l))
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
+
+    def mpirun(self, argv: List[str], timeout: float = 1800, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+        """Run ``argv`` on every rank, one per namespace, over TCP through the shaped links."""
+        cmd = ["ip", "netns", "exec", self.names[0], "mpirun", "-np", str(self.ranks), "--hostfile",
+               str(self.tmp / "hostfile"), "--mca", "plm_rsh_agent", str(self.tmp / "agent.sh"),
+               "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "eth0",
+               "--mca", "oob_tcp_if_include", "eth0", "--timeout", str(int(timeout)),
+               "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH", *argv]
+        env = dict(os.environ if env is None else env, OMPI_ALLOW_RUN_AS_ROOT="1",
+                   OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60, env=env)
+
+
+if __name__ == "__main__":
+    with EmulatedCluster(2, rate="100mbit") as c:
+        print(c.mpirun([sys.executable, "-c", "from mpi4py import MPI; print(MPI.COMM_WORLD.rank)"]).stdout)
