@@ -59,7 +59,7 @@ def test_feedback_matches_torch(case):
     s, b = cpp.blocksign_feedback(d, e, blocks, segments)
     assert torch.equal(b, b_ref)
     torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)  # torch's float sums of big blocks err ~5e-6
-    torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-5 * s_ref.max().item())  # e absorbs the scale's
+    torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-5 * s_ref.max().item())  # e absorbs the scale's rounding
 
 
 @pytest.mark.parametrize("case", ["nine", "many_small_blocks", "large_odd_blocks"])
@@ -76,7 +76,7 @@ def test_server_feedback_and_mean_match_torch(case):
     s, b = cpp.blocksign_server_feedback(scales, bits, e, blocks, [(0, n, 2.0)])
     assert torch.equal(b, b_ref)
     torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)  # torch's float sums of big blocks err ~5e-6
-    torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-5 * s_ref.max().item())  # e absorbs the scale's
+    torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-5 * s_ref.max().item())  # e absorbs the scale's rounding
 
 
 def test_ratio_zero_keeps_d_exactly():

@@ -122,6 +122,18 @@ class Topology:
         self.server_memory.load_state_dict(state["server_error"])
 
 
+class ShardPerRank(Topology):
+    """The server role split over the ranks: M shards of whole blocks, rank j holds the server
+    error of shard j (``sharded`` and ``ring``)."""
+
+    def __init__(self, comm, compressor, tensor_sizes, device="cpu"):
+        super().__init__(comm, compressor, tensor_sizes, device)
+        self.server_memory = ErrorMemory(self.shards[comm.rank].numel, self.device)
+
+    def make_shards(self, tensor_sizes):
+        return self.split_shards(tensor_sizes, self.comm.size)
+
+
 def get_topology(name: str) -> Type[Topology]:
     """The topology class users name in ``topology=``."""
     if name not in REGISTRY:

@@ -14,20 +14,13 @@ from typing import List
 
 import torch
 
-from ..error_feedback import ErrorMemory, Segments
+from ..error_feedback import Segments
 from ..payload import Payload
-from .base import Topology
+from .base import ShardPerRank
 
 
-class Sharded(Topology):
+class Sharded(ShardPerRank):
     name = "sharded"
-
-    def __init__(self, comm, compressor, tensor_sizes, device="cpu"):
-        super().__init__(comm, compressor, tensor_sizes, device)
-        self.server_memory = ErrorMemory(self.shards[comm.rank].numel, self.device)
-
-    def make_shards(self, tensor_sizes):
-        return self.split_shards(tensor_sizes, self.comm.size)
 
     def exchange(self, payloads: List[Payload], segments: Segments) -> torch.Tensor:
         comm, me, sizes = self.comm, self.comm.rank, self.nbytes
