@@ -7,7 +7,6 @@ against wall time, and bytes sent per step per run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path

@@ -1,6 +1,5 @@
 """Faults with a clear outcome on every rank and nothing lost: bad input, disagreeing ranks, a dead
 or hung rank, a Gloo launch, bad checkpoints, invalid options."""
-import json
 import subprocess
 import sys
 import time
