@@ -65,8 +65,12 @@ NodeName=$host CPUs=$((cpus * 4)) State=UNKNOWN
 PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
     if ! pgrep -x munged >/dev/null; then
+      # munged runs as user munge, which cannot enter DIR when it sits in a root-only
+      # directory (pytest's tmp dirs do), so its pid file lives in /run/munge; DIR only
+      # records that this script started it.
       mkdir -p /run/munge && chown munge:munge /run/munge
-      runuser -u munge -- /usr/sbin/munged --pid-file="$dir/munged.pid"
+      runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/hvd_distef_munged.pid
+      echo /run/munge/hvd_distef_munged.pid > "$dir/munged.started"
     fi
     export SLURM_CONF=$conf
     slurmctld -f "$conf"
@@ -83,7 +87,10 @@ CONF
   down)
     stop_pidfile "$dir/slurmd.pid"
     stop_pidfile "$dir/slurmctld.pid"
-    stop_pidfile "$dir/munged.pid"
+    if [ -f "$dir/munged.started" ]; then
+      stop_pidfile "$(cat "$dir/munged.started")"
+      rm -f "$dir/munged.started"
+    fi
     echo "local Slurm cluster down"
     ;;
   *) sed -n '2,9p' "$0"; exit 2 ;;
