@@ -12,7 +12,8 @@
 // pass 2 packs the signs and writes e = p - scale*sign (parallel over tasks). A round's p is still
 // in cache for pass 2, so the step moves close to the minimum of ~12 bytes per element. Bytes of
 // bits shared by two tasks are OR-ed atomically.
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -21,20 +22,10 @@
 #include <tuple>
 #include <vector>
 
-// Each loop is written so that the compiler vectorizes it; HOT functions are also compiled for
-// AVX2 and picked at run time, so one build runs on any x86-64.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HOT __attribute__((target_clones("avx2", "default")))
-#else
-#define HOT
-#endif
-
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;
 constexpr int64_t kRound = 1 << 18;
-
-using Segments = std::vector<std::tuple<int64_t, int64_t, double>>;  // (start, stop, ratio)
 
 struct Task {
   int64_t block, lo, hi;
@@ -330,15 +321,4 @@ std::tuple<torch::Tensor, torch::Tensor> blocksign_server_feedback(std::vector<t
     return feedback_pass1(mean.data() - lo, ep, segments, lo, hi);
   };
   return two_pass(l, n, ep, ep, pass1, error.options());
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "hvd_distef's fused blockwise-sign kernels (CPU); see hvd_distef/_torch_kernels.py for the reference";
-  m.def("blocksign_feedback", &blocksign_feedback, "EF step: p = d + r e; C(p); e <- p - C(p)");
-  m.def("blocksign_compress", &blocksign_compress, "scales and packed signs of x");
-  m.def("blocksign_decompress", &blocksign_decompress, "scale_b * sign", py::arg("scales"), py::arg("bits"),
-        py::arg("block_sizes"), py::arg("numel"), py::arg("out") = py::none());
-  m.def("blocksign_decompress_mean", &blocksign_decompress_mean, "mean of M decompressed payloads",
-        py::arg("scales"), py::arg("bits"), py::arg("block_sizes"), py::arg("numel"), py::arg("out") = py::none());
-  m.def("blocksign_server_feedback", &blocksign_server_feedback, "server step: mean + r e, C, new e");
 }

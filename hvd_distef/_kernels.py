@@ -52,3 +52,13 @@ def blocksign_decompress_mean(scales, bits, block_sizes, numel, out=None):
 def blocksign_server_feedback(scales, bits, error, block_sizes, segments):
     return _pick(error).blocksign_server_feedback(list(scales), list(bits), error, list(block_sizes),
                                                   list(segments))
+
+
+def momentum_(grad, momentum, mu, nesterov):
+    _pick(grad).momentum_(grad, momentum, mu, nesterov)
+
+
+def descend_(params, delta, decay_buffer, lr, mu, weight_decay, nesterov):
+    # the compiled kernel reads each parameter in place: they must be contiguous
+    path = _pick(delta) if all(p.is_contiguous() for p in params) else torch_path
+    path.descend_(list(params), delta, decay_buffer, lr, mu, weight_decay, nesterov)

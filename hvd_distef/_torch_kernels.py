@@ -1,6 +1,7 @@
-"""Hot loops of blockwise sign compression in plain PyTorch (CPU or CUDA): the fallback where the
-compiled ``cpp_ops`` are absent or the tensors are on CUDA, and the reference they are tested
-against (same signatures, same bits, scales to float rounding)."""
+"""Hot loops in plain PyTorch (CPU or CUDA): blockwise sign compression and the optimizer's
+element-wise passes. The fallback where the compiled ``cpp_ops`` are absent or the tensors are on
+CUDA, and the reference they are tested against (same signatures, same bits, scales and updates to
+float rounding)."""
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
@@ -108,3 +109,32 @@ def blocksign_server_feedback(scales: List[torch.Tensor], bits: List[torch.Tenso
     """The server step: p = (1/M)·Σ_i C_i + r·ẽ;  (scales, bits) = C(p);  ẽ <- p − C(p)."""
     mean = blocksign_decompress_mean(scales, bits, block_sizes, error.numel())
     return blocksign_feedback(mean, error, block_sizes, segments)
+
+
+def momentum_(grad: torch.Tensor, momentum: torch.Tensor, mu: float, nesterov: bool) -> None:
+    """m = μ·m + g;  g = g + μ·m (nesterov) or m: the worker's momentum of SPEC §1, in place."""
+    momentum.mul_(mu).add_(grad)
+    if nesterov:
+        grad.add_(torch.mul(momentum, mu))
+    else:
+        grad.copy_(momentum)
+
+
+def _views(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    return [part.view_as(p) for part, p in zip(flat.split([p.numel() for p in params]), params)]
+
+
+def descend_(params: List[torch.Tensor], delta: torch.Tensor, decay_buffer: Optional[torch.Tensor], lr: float,
+             mu: float, weight_decay: float, nesterov: bool) -> None:
+    """The update of SPEC §1 for one param group: with weight decay, w = μ·w + λ·x and
+    u = (Δ̃ + μ·w) + λ·x (nesterov) or Δ̃ + w, else u = Δ̃; then x = x − η·u. ``delta`` is read only."""
+    u = _views(delta, params)
+    if weight_decay != 0:
+        decay = torch._foreach_mul(params, weight_decay)
+        w = _views(decay_buffer, params)
+        torch._foreach_mul_(w, mu)
+        torch._foreach_add_(w, decay)
+        u = torch._foreach_add(u, torch._foreach_mul(w, mu) if nesterov else w)
+        if nesterov:
+            torch._foreach_add_(u, decay)
+    torch._foreach_sub_(params, torch._foreach_mul(u, lr))

@@ -20,11 +20,6 @@ from .topologies import get_topology
 NONFINITE_POLICIES = ("raise", "skip")
 
 
-def _literal_axpy(y: torch.Tensor, a: float, x: torch.Tensor) -> torch.Tensor:
-    """y + a·x with the product rounded before the sum (no fused multiply-add), as SPEC §1 reads."""
-    return y.add_(torch.mul(x, a))
-
-
 class DistributedOptimizer(torch.optim.SGD):
     """Wraps a ``torch.optim.SGD`` and trains with compressed communication (SPEC §1, §4).
 
@@ -90,11 +85,11 @@ class DistributedOptimizer(torch.optim.SGD):
 
         zeros = lambda: torch.zeros(self.numel, dtype=torch.float32, device=self.device)  # noqa: E731
         # Flat buffers allocated once: fresh 100 MB tensors every step cost more in page faults than
-        # the arithmetic. _grad holds g, then d; _scratch holds temporaries of one group at a time.
+        # the arithmetic. _grad holds g, then d; _scratch holds signum's (1−μ)·g.
         self._grad = zeros()
-        self._scratch = zeros() if rule != "sgd" else None
+        self._scratch = zeros() if rule == "signum" else None
         self._momentum = zeros() if rule in ("ef", "signum") and self._any("momentum") else None
-        self._wd_buffer = zeros() if rule == "ef" and self._any("weight_decay") else None
+        self._wd_buffer = zeros() if rule in ("ef", "signum") and self._any("weight_decay") else None
         self._worker_memory = ErrorMemory(self.numel, self.device) if rule == "ef" else None
         self._prev_lrs = [0.0] * len(self.param_groups)
         self._steps = 0
@@ -252,45 +247,23 @@ class DistributedOptimizer(torch.optim.SGD):
         self._apply(delta)
 
     def _nesterov_direction(self, grad: torch.Tensor) -> torch.Tensor:
-        """m = μ·m + g;  d = μ·m + g (nesterov) or m;  in place in ``grad``, per param group."""
+        """m = μ·m + g;  d = g + μ·m (nesterov) or m;  in place in ``grad``, per param group."""
         for (start, stop), group in zip(self._group_bounds, self.param_groups):
-            mu = group["momentum"]
-            if mu == 0:
-                continue
-            m, g = self._momentum[start:stop], grad[start:stop]
-            m.mul_(mu).add_(g)
-            if group["nesterov"]:
-                g.add_(torch.mul(m, mu, out=self._scratch[start:stop]))
-            else:
-                g.copy_(m)
+            if group["momentum"] != 0:
+                _kernels.momentum_(grad[start:stop], self._momentum[start:stop], group["momentum"], group["nesterov"])
         return grad
 
-    def _apply(self, delta: torch.Tensor) -> None:
-        """Weight decay with its own momentum w (uncompressed), then x = x − η·u (SPEC §1)."""
+    def _apply(self, delta: torch.Tensor, momentum_of_decay: bool = True) -> None:
+        """Weight decay with its own momentum w (uncompressed), then x = x − η·u (SPEC §1):
+        w = μ·w + λ·x;  u = Δ̃ + μ·w + λ·x (nesterov) or Δ̃ + w;  x = x − η·u. Without
+        ``momentum_of_decay`` (signum), u = Δ̃ + λ·x."""
         for (start, stop), group in zip(self._group_bounds, self.param_groups):
-            u = delta[start:stop]
-            mu, wd = group["momentum"], group["weight_decay"]
-            if wd != 0:
-                decay = self._decay(start, stop, group)              # λ·x
-                w = self._wd_buffer[start:stop]
-                w.mul_(mu).add_(decay)                                 # w = μ·w + λ·x
-                if group["nesterov"]:
-                    u.add_(torch.mul(w, mu, out=self._grad[start:stop])).add_(decay)  # u = Δ̃ + μ·w + λ·x
-                else:
-                    u.add_(w)                                          # u = Δ̃ + w
-            self._descend(u, start, group)
-
-    def _decay(self, start: int, stop: int, group: dict) -> torch.Tensor:
-        """λ·x for one param group, flat, in the scratch buffer."""
-        x = self._scratch[start:stop]
-        if group["params"]:
-            torch.cat([p.reshape(-1) for p in group["params"]], out=x)
-        return x.mul_(group["weight_decay"])
-
-    def _descend(self, u: torch.Tensor, start: int, group: dict) -> None:
-        """x = x − η·u for one param group (u flat; overwritten)."""
-        if group["params"]:
-            torch._foreach_sub_(group["params"], self._views(u.mul_(group["lr"]), 0, group["params"]))
+            if not group["params"]:
+                continue
+            wd = group["weight_decay"]
+            mu, nesterov = (group["momentum"], group["nesterov"]) if momentum_of_decay else (0.0, False)
+            _kernels.descend_(group["params"], delta[start:stop], self._wd_buffer[start:stop] if wd != 0 else None,
+                              group["lr"], mu, wd, nesterov)
 
     @staticmethod
     def _views(flat: torch.Tensor, start: int, params: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -311,11 +284,7 @@ class DistributedOptimizer(torch.optim.SGD):
             signs = _kernels.pack_signs(grad)
         with self._timed("exchange"):
             vote = self.topology.exchange(signs)
-        for (start, stop), group in zip(self._group_bounds, self.param_groups):
-            u = vote[start:stop]
-            if group["weight_decay"] != 0:
-                u.add_(self._decay(start, stop, group))
-            self._descend(u, start, group)
+        self._apply(vote, momentum_of_decay=False)
 
     def _sgd_step(self, grad: torch.Tensor) -> None:
         """Stock SGDM: the topology averages the gradient, then torch's own SGD update runs."""

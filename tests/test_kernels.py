@@ -106,6 +106,55 @@ def test_bad_arguments_raise_value_error(call, message):
         call()
 
 
+UPDATE_SIZES = {"one": [1], "odd": [7, 0, 9, 1], "resnet_like": split(1_000_003, 60, 5)}
+
+
+@pytest.mark.parametrize("sizes", sorted(UPDATE_SIZES))
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_momentum_matches_torch_exactly(sizes, nesterov):
+    n = sum(UPDATE_SIZES[sizes])
+    g_ref, m_ref = rand(n, 1), rand(n, 2)
+    g, m = g_ref.clone(), m_ref.clone()
+    ref.momentum_(g_ref, m_ref, 0.9, nesterov)
+    cpp.momentum_(g, m, 0.9, nesterov)
+    # the same float operations in the same order: bit-identical
+    assert torch.equal(m, m_ref) and torch.equal(g, g_ref)
+
+
+@pytest.mark.parametrize("sizes", sorted(UPDATE_SIZES))
+@pytest.mark.parametrize("mu,wd,nesterov", [(0.9, 5e-4, True), (0.9, 5e-4, False), (0.9, 0.0, True),
+                                             (0.0, 1e-2, False)])
+def test_descend_matches_torch_exactly(sizes, mu, wd, nesterov):
+    shapes = UPDATE_SIZES[sizes]
+    n = sum(shapes)
+    x_ref = [t.clone() for t in rand(n, 3).split(shapes)]
+    x = [t.clone() for t in x_ref]
+    w_ref = rand(n, 4)
+    w = w_ref.clone()
+    delta = rand(n, 5)
+    kept = delta.clone()
+    ref.descend_(x_ref, delta, w_ref, 0.1, mu, wd, nesterov)
+    cpp.descend_(x, delta, w, 0.1, mu, wd, nesterov)
+    assert all(torch.equal(a, b) for a, b in zip(x, x_ref))
+    assert torch.equal(w, w_ref)
+    assert torch.equal(delta, kept)  # read only
+    # independent check of the formula on one element
+    i = n // 2
+    x0 = rand(n, 3)[i]
+    w1 = mu * rand(n, 4)[i] + wd * x0 if wd else None
+    u = delta[i] + ((mu * w1 + wd * x0 if nesterov else w1) if wd else 0.0)
+    torch.testing.assert_close(torch.cat(x)[i], x0 - 0.1 * u, rtol=1e-6, atol=1e-7)
+
+
+def test_descend_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="elements"):
+        cpp.descend_([torch.zeros(3)], torch.zeros(4), None, 0.1, 0.9, 0.0, True)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpp.descend_([torch.zeros(4, 4).t()], torch.zeros(16), None, 0.1, 0.9, 0.0, True)
+    with pytest.raises(ValueError, match="buffer"):
+        cpp.descend_([torch.zeros(3)], torch.zeros(3), None, 0.1, 0.9, 1e-4, True)
+
+
 def test_multi_rank_run_agrees_with_torch_path(tmp_path):
     """Two ranks, `ps` + blocksign: ranks identical within each path, the paths agree to float rounding."""
     finals = {}

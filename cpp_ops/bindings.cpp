@@ -1,0 +1,17 @@
+// The Python module hvd_distef._cpp_ops.
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "hvd_distef's fused CPU kernels; see hvd_distef/_torch_kernels.py for the reference of each";
+  m.def("blocksign_feedback", &blocksign_feedback, "EF step: p = d + r e; C(p); e <- p - C(p)");
+  m.def("blocksign_compress", &blocksign_compress, "scales and packed signs of x");
+  m.def("blocksign_decompress", &blocksign_decompress, "scale_b * sign", py::arg("scales"), py::arg("bits"),
+        py::arg("block_sizes"), py::arg("numel"), py::arg("out") = py::none());
+  m.def("blocksign_decompress_mean", &blocksign_decompress_mean, "mean of M decompressed payloads",
+        py::arg("scales"), py::arg("bits"), py::arg("block_sizes"), py::arg("numel"), py::arg("out") = py::none());
+  m.def("blocksign_server_feedback", &blocksign_server_feedback, "server step: mean + r e, C, new e");
+  m.def("momentum_", &momentum_, "m = mu m + g; g = g + mu m (nesterov) or m, in place");
+  m.def("descend_", &descend_, "w = mu w + wd x; x -= lr (delta + (nesterov ? mu w + wd x : w))",
+        py::arg("params"), py::arg("delta"), py::arg("decay_buffer"), py::arg("lr"), py::arg("mu"),
+        py::arg("weight_decay"), py::arg("nesterov"));
+}
