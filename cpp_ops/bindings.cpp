@@ -10,6 +10,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blocksign_decompress_mean", &blocksign_decompress_mean, "mean of M decompressed payloads",
         py::arg("scales"), py::arg("bits"), py::arg("block_sizes"), py::arg("numel"), py::arg("out") = py::none());
   m.def("blocksign_server_feedback", &blocksign_server_feedback, "server step: mean + r e, C, new e");
+  m.def("pack_signs", &pack_signs, "packed signs of x (bit set where x >= 0)");
+  m.def("majority_vote", &majority_vote, "M packed sign rows -> (positive, non-zero) bit masks of their vote");
+  m.def("unpack_vote", &unpack_vote, "the vote as float32 -1, 0, +1", py::arg("vote"), py::arg("numel"),
+        py::arg("out") = py::none());
   m.def("momentum_", &momentum_, "m = mu m + g; g = g + mu m (nesterov) or m, in place");
   m.def("descend_", &descend_, "w = mu w + wd x; x -= lr (delta + (nesterov ? mu w + wd x : w))",
         py::arg("params"), py::arg("delta"), py::arg("decay_buffer"), py::arg("lr"), py::arg("mu"),

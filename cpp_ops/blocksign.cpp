@@ -163,15 +163,6 @@ void check_payload(const torch::Tensor& scales, const torch::Tensor& bits, const
                     "bits must be uint8 with ceil(numel/8) bytes");
 }
 
-// kSigns[byte][k] = +1 if bit k of byte is set, else -1: unpacks 8 signs with one vector load.
-struct SignTable {
-  alignas(32) float v[256][8];
-  SignTable() {
-    for (int b = 0; b < 256; ++b)
-      for (int k = 0; k < 8; ++k) v[b][k] = ((b >> k) & 1) ? 1.0f : -1.0f;
-  }
-};
-const SignTable kSigns;
 
 inline float signed_scale(const uint8_t* bits, int64_t i, float scale) {
   return (bits[i >> 3] >> (i & 7)) & 1 ? scale : -scale;
@@ -321,4 +312,17 @@ std::tuple<torch::Tensor, torch::Tensor> blocksign_server_feedback(std::vector<t
     return feedback_pass1(mean.data() - lo, ep, segments, lo, hi);
   };
   return two_pass(l, n, ep, ep, pass1, error.options());
+}
+
+// Packed signs of x (bit set where x >= 0), without scales: signum's message.
+torch::Tensor pack_signs(torch::Tensor x) {
+  check_vec(x, "x");
+  const int64_t n = x.numel();
+  auto bits = torch::zeros({(n + 7) / 8}, x.options().dtype(torch::kUInt8));
+  const float* xp = x.data_ptr<float>();
+  uint8_t* b = bits.data_ptr<uint8_t>();
+  at::parallel_for(0, (n + 7) / 8, kChunk / 8, [&](int64_t lo, int64_t hi) {
+    pack_signs(xp, b, lo * 8, std::min(hi * 8, n));  // whole bytes per task: no byte is shared
+  });
+  return bits;
 }

@@ -15,6 +15,18 @@
 #define HOT
 #endif
 
+// kSigns.v[byte][k] = +1 if bit k of byte is set, else -1 (kOnes: 1 or 0): unpacks 8 bits with one
+// vector load.
+struct BitTable {
+  alignas(32) float v[256][8];
+  BitTable(float set, float unset) {
+    for (int b = 0; b < 256; ++b)
+      for (int k = 0; k < 8; ++k) v[b][k] = ((b >> k) & 1) ? set : unset;
+  }
+};
+inline const BitTable kSigns(1.0f, -1.0f);
+inline const BitTable kOnes(1.0f, 0.0f);
+
 using Segments = std::vector<std::tuple<int64_t, int64_t, double>>;  // (start, stop, ratio) per param group
 
 // blocksign.cpp: blockwise scaled sign with error feedback (SPEC §1, §2)
@@ -31,6 +43,12 @@ std::tuple<torch::Tensor, torch::Tensor> blocksign_server_feedback(std::vector<t
                                                                    torch::Tensor error,
                                                                    std::vector<int64_t> block_sizes,
                                                                    Segments segments);
+
+torch::Tensor pack_signs(torch::Tensor x);
+
+// majority_vote.cpp: signum's vote (SPEC §3)
+torch::Tensor majority_vote(torch::Tensor rows, int64_t numel);
+torch::Tensor unpack_vote(torch::Tensor vote, int64_t numel, c10::optional<torch::Tensor> out);
 
 // sgd_update.cpp: the optimizer's element-wise passes around the exchange (SPEC §1)
 void momentum_(torch::Tensor grad, torch::Tensor momentum, double mu, bool nesterov);

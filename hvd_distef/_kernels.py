@@ -10,8 +10,7 @@ import os
 import torch
 
 from . import _torch_kernels as torch_path
-from ._torch_kernels import (Segments, block_l1, compensate, expand_blocks, pack_bits, pack_signs,  # noqa: F401
-                             unpack_bits, unpack_signs)
+from ._torch_kernels import Segments, compensate, unpack_signs  # noqa: F401  (no compiled twin)
 
 FORCE_TORCH_ENV = "HVD_DISTEF_FORCE_TORCH"
 
@@ -52,6 +51,18 @@ def blocksign_decompress_mean(scales, bits, block_sizes, numel, out=None):
 def blocksign_server_feedback(scales, bits, error, block_sizes, segments):
     return _pick(error).blocksign_server_feedback(list(scales), list(bits), error, list(block_sizes),
                                                   list(segments))
+
+
+def pack_signs(x):
+    return _pick(x).pack_signs(x)
+
+
+def majority_vote(rows, numel):
+    return _pick(rows).majority_vote(rows, numel)
+
+
+def unpack_vote(vote, numel, out=None):
+    return _pick(vote).unpack_vote(vote, numel, out=out)
 
 
 def momentum_(grad, momentum, mu, nesterov):

@@ -43,6 +43,21 @@ def unpack_signs(bits: torch.Tensor, numel: int) -> torch.Tensor:
     return unpack_bits(bits, numel).to(torch.float32).mul_(2).sub_(1)
 
 
+def majority_vote(rows: torch.Tensor, numel: int) -> torch.Tensor:
+    """Signum's vote on M packed sign rows (concatenated): the positive mask, then the non-zero
+    mask of sign(Σ_i sign_i) (0 on a tie), 2·ceil(numel/8) bytes."""
+    b = (numel + 7) // 8
+    total = torch.stack([unpack_signs(row, numel) for row in rows.view(-1, b)]).sum(0)
+    return torch.cat([pack_bits(total > 0), pack_bits(total != 0)])
+
+
+def unpack_vote(vote: torch.Tensor, numel: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The vote as float32 -1, 0, +1 (written into ``out`` when given)."""
+    b = (numel + 7) // 8
+    positive, nonzero = unpack_bits(vote[:b], numel), unpack_bits(vote[b:], numel)
+    return torch.mul(positive.to(torch.float32).mul_(2).sub_(1), nonzero, out=out)
+
+
 def block_l1(x: torch.Tensor, block_sizes: Sequence[int]) -> torch.Tensor:
     """||x_b||_1 for each contiguous block, float32 [B]; one reduction kernel whatever B is, so that
     a block gives the same bits whether it is compressed alone or with others."""

@@ -106,6 +106,28 @@ def test_bad_arguments_raise_value_error(call, message):
         call()
 
 
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 1_000_003])
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_majority_vote_matches_torch_and_the_definition(numel, ranks):
+    xs = [rand(numel, seed) for seed in range(ranks)]
+    xs[0][: numel // 2] = -0.0  # sign(-0) = +1
+    rows = torch.cat([cpp.pack_signs(x) for x in xs])
+    assert torch.equal(rows, torch.cat([ref.pack_signs(x) for x in xs]))
+    vote = cpp.majority_vote(rows, numel)
+    assert torch.equal(vote, ref.majority_vote(rows, numel))
+    out = torch.full((numel,), 7.0)
+    got = cpp.unpack_vote(vote, numel, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    expected = torch.sign(torch.stack([torch.where(x >= 0, 1.0, -1.0) for x in xs]).sum(0))  # 0 on ties
+    assert torch.equal(got, expected)
+    assert torch.equal(ref.unpack_vote(vote, numel), expected)
+
+
+def test_majority_vote_rejects_bad_rows():
+    with pytest.raises(ValueError, match="multiple"):
+        cpp.majority_vote(torch.zeros(5, dtype=torch.uint8), 9)
+
+
 UPDATE_SIZES = {"one": [1], "odd": [7, 0, 9, 1], "resnet_like": split(1_000_003, 60, 5)}
 
 

@@ -34,13 +34,10 @@ class MajorityVote(Topology):
         """Packed signs of this worker's momentum in; the vote (-1, 0, +1 as float32) out."""
         comm, b = self.comm, self.sign_bytes
         gathered = comm.gather(signs.cpu(), ROOT)
-        vote = torch.empty(2 * b, dtype=torch.uint8)
-        if comm.rank == ROOT:
-            total = torch.stack([_kernels.unpack_signs(row, self.numel) for row in gathered.view(comm.size, b)]).sum(0)
-            vote = torch.cat([_kernels.pack_bits(total > 0), _kernels.pack_bits(total != 0)])
+        vote = _kernels.majority_vote(gathered, self.numel) if comm.rank == ROOT else torch.empty(2 * b, dtype=torch.uint8)
         comm.bcast(vote, ROOT)
         peers = (comm.size - 1) * b
         comm.count(sent=2 * peers if comm.rank == ROOT else b, received=peers if comm.rank == ROOT else 2 * b)
-        positive = _kernels.unpack_bits(vote[:b], self.numel)
-        nonzero = _kernels.unpack_bits(vote[b:], self.numel)
-        return (positive.to(torch.float32) * 2 - 1).mul_(nonzero).to(self.device)
+        if self.device.type == "cpu":
+            return _kernels.unpack_vote(vote, self.numel, out=self.delta)
+        return self.delta.copy_(_kernels.unpack_vote(vote, self.numel))
