@@ -42,3 +42,16 @@ def test_refuses_without_rights(monkeypatch):
     with pytest.raises(cluster.HarnessError, match="needs root"):
         with cluster.EmulatedCluster(2):
             pass
+
+
+@pytest.mark.skipif(WHY is not None, reason=f"no network namespaces here: {WHY}")
+def test_teardown_after_an_error_kills_what_runs_inside():
+    sleeper = None
+    with pytest.raises(RuntimeError, match="boom"):
+        with cluster.EmulatedCluster(2, rate="50mbit"):
+            sleeper = subprocess.Popen(["ip", "netns", "exec", "hvdr1", "sleep", "300"])
+            time.sleep(0.5)
+            raise RuntimeError("boom")
+    assert sleeper.wait(timeout=10) != 0  # killed, not finished
+    assert cluster.PREFIX not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"{cluster.PREFIX}v" not in subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -55,6 +56,27 @@ def can_run() -> Optional[str]:
         return f"cannot create a network namespace: {probe.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", f"{PREFIX}probe"], capture_output=True)
     return None
+
+
+def _kill_processes_in(namespaces: List[str]) -> None:
+    """SIGTERM, then SIGKILL after 5 s, every process living in these namespaces."""
+    def pids():
+        found = []
+        for ns in namespaces:
+            out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+            found += [int(p) for p in out.split()]
+        return found
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = pids()
+        for pid in alive:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        for _ in range(50):
+            if not pids():
+                return
+            time.sleep(0.1)
 
 
 class EmulatedCluster:
@@ -118,14 +140,29 @@ class EmulatedCluster:
         agent = self.tmp / "agent.sh"
         agent.write_text('#!/bin/sh\nhost="$1"; shift\nexec ip netns exec "$host" sh -c "$*"\n')
         agent.chmod(0o755)
+        self._wait_until_ranks_answer()
+
+    def _wait_until_ranks_answer(self, tries: int = 5) -> None:
+        """A trivial job on every namespace; fresh links have once refused the first launch."""
+        for attempt in range(tries):
+            proc = self.mpirun(["true"], timeout=60, yield_when_idle=False)
+            if proc.returncode == 0:
+                return
+            time.sleep(1 + attempt)
+        raise HarnessError(f"mpirun cannot reach the namespaces:\n{proc.stderr[-2000:]}")
 
     def down(self, quiet: bool = False) -> None:
         """Remove every namespace, the bridge and the hosts-file lines this harness adds."""
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
-        for line in listed:
-            name = line.split(" ")[0]
-            if name.startswith(PREFIX):
-                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        ours = [line.split(" ")[0] for line in listed if line.startswith(PREFIX)]
+        _kill_processes_in(ours)  # ranks of an interrupted job (their daemons detach from mpirun)
+        for name in ours:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout.split("\n")
+        for line in links:  # host ends whose namespace outlived a deletion (a process kept it)
+            name = line.split(" ")[0].split("@")[0]
+            if name.startswith(f"{PREFIX}v"):
+                subprocess.run(["ip", "link", "del", name], capture_output=True)
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
         if HOSTS.exists() and MARK in HOSTS.read_text():
             HOSTS.write_text("".join(l for l in HOSTS.read_text().splitlines(True) if MARK not in l))
@@ -133,13 +170,20 @@ class EmulatedCluster:
             signal.signal(sig, handler)
         self._old_handlers = {}
 
-    def mpirun(self, argv: List[str], timeout: float = 1800, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-        """Run ``argv`` on every rank, one per namespace, over TCP through the shaped links."""
+    def mpirun(self, argv: List[str], timeout: float = 1800, env: Optional[dict] = None,
+               yield_when_idle: bool = True) -> subprocess.CompletedProcess:
+        """Run ``argv`` on every rank, one per namespace, over TCP through the shaped links.
+
+        ``yield_when_idle``: a rank waiting in MPI yields its core instead of spinning. Each
+        namespace is a one-slot "host", so Open MPI would spin; here the ranks share 2 cores, and
+        a spinning rank would take the core another rank computes on, which on a cluster (cores
+        per rank) it cannot. Applies to every topology alike, Horovod's allreduce included.
+        """
         cmd = ["ip", "netns", "exec", self.names[0], "mpirun", "-np", str(self.ranks), "--hostfile",
                str(self.tmp / "hostfile"), "--mca", "plm_rsh_agent", str(self.tmp / "agent.sh"),
                "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "eth0",
-               "--mca", "oob_tcp_if_include", "eth0", "--timeout", str(int(timeout)),
-               "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH", *argv]
+               "--mca", "oob_tcp_if_include", "eth0", "--mca", "mpi_yield_when_idle", str(int(yield_when_idle)),
+               "--timeout", str(int(timeout)), "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH", *argv]
         env = dict(os.environ if env is None else env, OMPI_ALLOW_RUN_AS_ROOT="1",
                    OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60, env=env)

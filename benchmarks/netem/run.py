@@ -78,12 +78,13 @@ def main():
             for ranks in args.ranks:
                 with EmulatedCluster(ranks, rate=rate, delay=args.delay) as cluster:
                     for params in args.params:
-                        proc = cluster.mpirun([sys.executable, str(HERE / "bench_step.py"), "--params", str(params),
-                                               "--topologies", *args.topologies, "--steps", str(args.steps),
-                                               "--rate", rate, "--out", str(lines)])
-                        print(proc.stdout, end="", flush=True)
-                        if proc.returncode:
-                            raise HarnessError(f"benchmark failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+                        for topology in args.topologies:  # one job each: a topology's memory goes with it
+                            proc = cluster.mpirun([sys.executable, str(HERE / "bench_step.py"), "--params",
+                                                   str(params), "--topologies", topology, "--steps",
+                                                   str(args.steps), "--rate", rate, "--out", str(lines)])
+                            print(proc.stdout, end="", flush=True)
+                            if proc.returncode:
+                                raise HarnessError(f"benchmark failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     except HarnessError as exc:
         print(exc, file=sys.stderr)
         return 2
