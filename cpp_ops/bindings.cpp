@@ -1,15 +1,21 @@
 // The Python module hvd_distef._cpp_ops.
+#include <torch/extension.h>
+
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hvd_distef's fused CPU kernels; see hvd_distef/_torch_kernels.py for the reference of each";
-  m.def("blocksign_feedback", &blocksign_feedback, "EF step: p = d + r e; C(p); e <- p - C(p)");
+  m.def("blocksign_feedback", &blocksign_feedback, "EF step: p = d + r (e - C_prev); C(p); p left in e",
+        py::arg("d"), py::arg("error"), py::arg("block_sizes"), py::arg("segments"),
+        py::arg("prev_scales") = py::none(), py::arg("prev_bits") = py::none());
   m.def("blocksign_compress", &blocksign_compress, "scales and packed signs of x");
   m.def("blocksign_decompress", &blocksign_decompress, "scale_b * sign", py::arg("scales"), py::arg("bits"),
         py::arg("block_sizes"), py::arg("numel"), py::arg("out") = py::none());
   m.def("blocksign_decompress_mean", &blocksign_decompress_mean, "mean of M decompressed payloads",
         py::arg("scales"), py::arg("bits"), py::arg("block_sizes"), py::arg("numel"), py::arg("out") = py::none());
-  m.def("blocksign_server_feedback", &blocksign_server_feedback, "server step: mean + r e, C, new e");
+  m.def("blocksign_server_feedback", &blocksign_server_feedback, "server step: mean + r (e - C_prev), C, p left in e",
+        py::arg("scales"), py::arg("bits"), py::arg("error"), py::arg("block_sizes"), py::arg("segments"),
+        py::arg("prev_scales") = py::none(), py::arg("prev_bits") = py::none());
   m.def("pack_signs", &pack_signs, "packed signs of x (bit set where x >= 0)");
   m.def("majority_vote", &majority_vote, "M packed sign rows -> (positive, non-zero) bit masks of their vote");
   m.def("unpack_vote", &unpack_vote, "the vote as float32 -1, 0, +1", py::arg("vote"), py::arg("numel"),

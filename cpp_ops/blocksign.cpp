@@ -6,26 +6,25 @@
 // accumulated in another order). Built with -ffp-contract=off so that p = d + r*e rounds the
 // product before the sum, exactly as the torch path does.
 //
-// Work is cut into "rounds" of consecutive blocks of about kRound elements (a huge block is a round
-// of its own), and rounds into tasks of at most kChunk elements. Per round: pass 1 computes
-// p = d + r*e, stores p in e and sums |p| per task (parallel over tasks); the block scales follow;
-// pass 2 packs the signs and writes e = p - scale*sign (parallel over tasks). A round's p is still
-// in cache for pass 2, so the step moves close to the minimum of ~12 bytes per element. Bytes of
-// bits shared by two tasks are OR-ed atomically.
+// One pass over memory. The sign of p needs no scale, and the scale of a block needs all of the
+// block, so the error step defers its last line: it leaves p itself in the error buffer and
+// returns the payload C(p); the next step (or ErrorMemory when someone reads the error) first
+// subtracts C(p) from the buffer, giving e = p - C(p) bit for bit. Work is cut into tasks of at
+// most kChunk elements within a block; each task settles, compensates, sums |p| and packs signs
+// while its slice is in cache, so the step moves ~12 bytes per element (read d and e, write e).
+// Bytes of bits shared by two tasks are OR-ed atomically.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <tuple>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;
-constexpr int64_t kRound = 1 << 18;
 
 struct Task {
   int64_t block, lo, hi;
@@ -34,7 +33,6 @@ struct Task {
 struct Layout {
   std::vector<int64_t> offsets;  // block b spans [offsets[b], offsets[b+1])
   std::vector<Task> tasks;
-  std::vector<size_t> round_ends;  // task index where each round ends
 };
 
 Layout make_layout(const std::vector<int64_t>& block_sizes, int64_t numel) {
@@ -46,18 +44,9 @@ Layout make_layout(const std::vector<int64_t>& block_sizes, int64_t numel) {
   }
   TORCH_CHECK_VALUE(l.offsets.back() == numel, "block sizes sum to ", l.offsets.back(), ", the vector has ",
                     numel, " elements");
-  int64_t in_round = 0;
-  for (size_t b = 0; b < block_sizes.size(); ++b) {
-    int64_t n = block_sizes[b];
-    if (in_round > 0 && in_round + n > kRound) {
-      l.round_ends.push_back(l.tasks.size());
-      in_round = 0;
-    }
+  for (size_t b = 0; b < block_sizes.size(); ++b)
     for (int64_t lo = l.offsets[b]; lo < l.offsets[b + 1]; lo += kChunk)
       l.tasks.push_back({(int64_t)b, lo, std::min(lo + kChunk, l.offsets[b + 1])});
-    in_round += n;
-  }
-  if (l.round_ends.empty() || l.round_ends.back() != l.tasks.size()) l.round_ends.push_back(l.tasks.size());
   return l;
 }
 
@@ -86,8 +75,8 @@ inline void or_byte(uint8_t* bits, int64_t byte, uint8_t v) {
   if (v) __atomic_fetch_or(bits + byte, v, __ATOMIC_RELAXED);
 }
 
-// Pass 2 on [lo, hi): pack signs of p (read from src) and, when err is given, err = p -/+ scale.
-HOT void pack_signs(const float* src, uint8_t* bits, int64_t lo, int64_t hi) {
+// Packs the signs of src over [lo, hi) into bits (zeros on entry).
+HOT void pack_sign_bits(const float* src, uint8_t* bits, int64_t lo, int64_t hi) {
   int64_t i = lo;
   uint8_t head = 0;
   for (; i < hi && (i & 7); ++i) head |= (uint8_t)(src[i] >= 0.0f) << (i & 7);
@@ -103,82 +92,22 @@ HOT void pack_signs(const float* src, uint8_t* bits, int64_t lo, int64_t hi) {
   if (tail_start < hi) or_byte(bits, tail_start >> 3, tail);
 }
 
-// e = p - scale*sign(p), with p read from e itself.
-HOT void subtract_signs(float* err, int64_t lo, int64_t hi, float scale) {
-  for (int64_t i = lo; i < hi; ++i) {
-    const float p = err[i];
-    err[i] = p - (p >= 0.0f ? scale : -scale);
-  }
-}
-
-// Pass 2 on [lo, hi): pack the signs of p (read from src) and, when err is given, err = p -/+ scale.
-inline void sign_pass(const float* src, float* err, uint8_t* bits, int64_t lo, int64_t hi, float scale) {
-  pack_signs(src, bits, lo, hi);
-  if (err) subtract_signs(err, lo, hi, scale);  // src == err here: p is still in cache
-}
-
-// The shared two-pass engine. pass1(lo, hi, block) returns sum |p| over [lo, hi) and leaves p where
-// pass 2 reads it (src); err is updated in pass 2 when non-null.
-template <class Pass1>
-std::tuple<torch::Tensor, torch::Tensor> two_pass(const Layout& l, int64_t numel, const float* src, float* err,
-                                                  Pass1 pass1, const torch::TensorOptions& opts) {
-  int64_t nblocks = (int64_t)l.offsets.size() - 1;
-  auto scales = torch::zeros({nblocks}, opts.dtype(torch::kFloat32));
-  auto bits = torch::zeros({(numel + 7) / 8}, opts.dtype(torch::kUInt8));
-  float* s = scales.data_ptr<float>();
-  uint8_t* b = bits.data_ptr<uint8_t>();
-  std::vector<double> partial(l.tasks.size(), 0.0);
-  size_t first = 0;
-  for (size_t end : l.round_ends) {
-    at::parallel_for(first, end, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) partial[t] = pass1(l.tasks[t].lo, l.tasks[t].hi, l.tasks[t].block);
-    });
-    for (size_t t = first; t < end;) {  // scales of the blocks of this round
-      int64_t blk = l.tasks[t].block;
-      double sum = 0.0;
-      for (; t < end && l.tasks[t].block == blk; ++t) sum += partial[t];
-      float scale = (float)(sum / (double)(l.offsets[blk + 1] - l.offsets[blk]));
-      TORCH_CHECK_VALUE(std::isfinite(scale), "blocksign: non-finite values (inf or NaN) in block ", blk,
-                        " (elements ", l.offsets[blk], " to ", l.offsets[blk + 1], "); check the gradients");
-      s[blk] = scale;
-    }
-    at::parallel_for(first, end, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) sign_pass(src, err, b, l.tasks[t].lo, l.tasks[t].hi, s[l.tasks[t].block]);
-    });
-    first = end;
-  }
-  return {scales, bits};
-}
-
-void check_vec(const torch::Tensor& t, const char* what) {
-  TORCH_CHECK_VALUE(t.device().is_cpu() && t.dtype() == torch::kFloat32 && t.dim() == 1 && t.is_contiguous(),
-                    what, " must be a contiguous 1-D float32 CPU tensor");
-}
-
-void check_payload(const torch::Tensor& scales, const torch::Tensor& bits, const Layout& l, int64_t numel) {
-  TORCH_CHECK_VALUE(scales.dtype() == torch::kFloat32 && scales.is_contiguous() &&
-                        scales.numel() == (int64_t)l.offsets.size() - 1,
-                    "scales must be float32 with one per block");
-  TORCH_CHECK_VALUE(bits.dtype() == torch::kUInt8 && bits.is_contiguous() && bits.numel() == (numel + 7) / 8,
-                    "bits must be uint8 with ceil(numel/8) bytes");
-}
-
-
 inline float signed_scale(const uint8_t* bits, int64_t i, float scale) {
   return (bits[i >> 3] >> (i & 7)) & 1 ? scale : -scale;
 }
 
-// Calls fn(lo, hi, block) in parallel for every task.
-template <class F>
-void for_each_task(const Layout& l, F fn) {
-  at::parallel_for(0, (int64_t)l.tasks.size(), 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) fn(l.tasks[t].lo, l.tasks[t].hi, l.tasks[t].block);
-  });
+// e = p - scale*sign over [lo, hi) of one block, with the signs from bits: the deferred last line
+// of the previous error step (p - (±scale), as the torch path computes it).
+HOT void settle_range(float* e, const uint8_t* bits, int64_t lo, int64_t hi, float scale) {
+  int64_t i = lo;
+  for (; i < hi && (i & 7); ++i) e[i] = e[i] - signed_scale(bits, i, scale);
+  for (; i + 8 <= hi; i += 8) {
+    const float* sign = kSigns.v[bits[i >> 3]];
+    for (int k = 0; k < 8; ++k) e[i + k] = e[i + k] - sign[k] * scale;  // ±1 · s is exact
+  }
+  for (; i < hi; ++i) e[i] = e[i] - signed_scale(bits, i, scale);
 }
 
-}  // namespace
-
-namespace {
 // p = d + r*e stored in e over [a, b); returns sum |p| (double partial sums: scales as accurate as
 // torch's reductions).
 HOT double compensate_range(const float* d, float* e, int64_t a, int64_t b, float r) {
@@ -202,19 +131,24 @@ HOT double compensate_range(const float* d, float* e, int64_t a, int64_t b, floa
   return acc;
 }
 
-// Pass 1 of an error-feedback step on [lo, hi) with d given as a pointer indexed like e.
-double feedback_pass1(const float* d, float* ep, const Segments& segments, int64_t lo, int64_t hi) {
-  double total = 0.0;
-  for_each_segment(segments, lo, hi,
-                   [&](int64_t a, int64_t b, float r) { total += compensate_range(d, ep, a, b, r); });
-  return total;
+void check_vec(const at::Tensor& t, const char* what) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.dtype() == at::kFloat && t.dim() == 1 && t.is_contiguous(),
+                    what, " must be a contiguous 1-D float32 CPU tensor");
+}
+
+void check_payload(const at::Tensor& scales, const at::Tensor& bits, const Layout& l, int64_t numel) {
+  TORCH_CHECK_VALUE(scales.dtype() == at::kFloat && scales.is_contiguous() &&
+                        scales.numel() == (int64_t)l.offsets.size() - 1,
+                    "scales must be float32 with one per block");
+  TORCH_CHECK_VALUE(bits.dtype() == at::kByte && bits.is_contiguous() && bits.numel() == (numel + 7) / 8,
+                    "bits must be uint8 with ceil(numel/8) bytes");
 }
 
 struct Payloads {
   std::vector<const float*> scales;
   std::vector<const uint8_t*> bits;
-  Payloads(const std::vector<torch::Tensor>& s, const std::vector<torch::Tensor>& b, const Layout& l, int64_t n) {
-    TORCH_CHECK_VALUE(!s.empty() && s.size() == b.size(), "need as many scales as bits, at least one");
+  Payloads(const std::vector<at::Tensor>& s, const std::vector<at::Tensor>& b, const Layout& l, int64_t n) {
+    TORCH_CHECK_VALUE(s.size() == b.size(), "need as many scales as bits");
     for (size_t m = 0; m < s.size(); ++m) {
       check_payload(s[m], b[m], l, n);
       scales.push_back(s[m].data_ptr<float>());
@@ -244,85 +178,146 @@ struct Payloads {
     return acc;
   }
 };
+
+// The one pass shared by every kernel: per task, sum = task_pass(lo, hi, block) leaves the
+// vector to compress in src[lo, hi) and returns its L1 norm there; the signs are packed while
+// the slice is in cache. Then the block scales. Returns (scales, bits).
+template <class TaskPass>
+std::tuple<at::Tensor, at::Tensor> one_pass(const Layout& l, int64_t numel, const float* src,
+                                                  TaskPass task_pass, const at::TensorOptions& opts) {
+  const int64_t nblocks = (int64_t)l.offsets.size() - 1;
+  auto scales = at::zeros({nblocks}, opts.dtype(at::kFloat));
+  auto bits = at::zeros({(numel + 7) / 8}, opts.dtype(at::kByte));
+  float* s = scales.data_ptr<float>();
+  uint8_t* b = bits.data_ptr<uint8_t>();
+  std::vector<double> partial(l.tasks.size(), 0.0);
+  at::parallel_for(0, (int64_t)l.tasks.size(), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Task& task = l.tasks[t];
+      partial[t] = task_pass(task.lo, task.hi, task.block);
+      pack_sign_bits(src, b, task.lo, task.hi);
+    }
+  });
+  for (size_t t = 0; t < l.tasks.size();) {
+    const int64_t blk = l.tasks[t].block;
+    double sum = 0.0;
+    for (; t < l.tasks.size() && l.tasks[t].block == blk; ++t) sum += partial[t];
+    const float scale = (float)(sum / (double)(l.offsets[blk + 1] - l.offsets[blk]));
+    TORCH_CHECK_VALUE(std::isfinite(scale), "blocksign: non-finite values (inf or NaN) in block ", blk,
+                      " (elements ", l.offsets[blk], " to ", l.offsets[blk + 1], "); check the gradients");
+    s[blk] = scale;
+  }
+  return {scales, bits};
+}
+
+// The error steps' task: settle the deferred correction (prev), then p = d + r*e into e.
+struct FeedbackTask {
+  float* e;
+  const Segments& segments;
+  const float* prev_scales = nullptr;
+  const uint8_t* prev_bits = nullptr;
+  double operator()(const float* d, int64_t lo, int64_t hi, int64_t blk) const {
+    if (prev_bits) settle_range(e, prev_bits, lo, hi, prev_scales[blk]);
+    double total = 0.0;
+    for_each_segment(segments, lo, hi, [&](int64_t a, int64_t b, float r) { total += compensate_range(d, e, a, b, r); });
+    return total;
+  }
+};
+
+FeedbackTask feedback_task(at::Tensor& error, const Segments& segments, const c10::optional<at::Tensor>& prev_scales,
+                           const c10::optional<at::Tensor>& prev_bits, const Layout& l) {
+  check_vec(error, "error");
+  FeedbackTask task{error.data_ptr<float>(), segments};
+  TORCH_CHECK_VALUE(prev_scales.has_value() == prev_bits.has_value(), "give both prev_scales and prev_bits, or neither");
+  if (prev_bits.has_value()) {
+    check_payload(*prev_scales, *prev_bits, l, error.numel());
+    task.prev_scales = prev_scales->data_ptr<float>();
+    task.prev_bits = prev_bits->data_ptr<uint8_t>();
+  }
+  return task;
+}
+
 }  // namespace
 
-// p = d + r*e (r per segment); (scales, bits) = C(p); e <- p - C(p). Two passes over memory.
-std::tuple<torch::Tensor, torch::Tensor> blocksign_feedback(torch::Tensor d, torch::Tensor error,
-                                                            std::vector<int64_t> block_sizes, Segments segments) {
+// p = d + r*(e - C_prev) (r per segment; C_prev the deferred payload when given); p left in error;
+// returns C(p), whose subtraction from error is deferred.
+std::tuple<at::Tensor, at::Tensor> blocksign_feedback(at::Tensor d, at::Tensor error,
+                                                            std::vector<int64_t> block_sizes, Segments segments,
+                                                            c10::optional<at::Tensor> prev_scales,
+                                                            c10::optional<at::Tensor> prev_bits) {
   check_vec(d, "d");
-  check_vec(error, "error");
   TORCH_CHECK_VALUE(d.numel() == error.numel(), "d and error differ in length");
-  int64_t n = d.numel();
-  Layout l = make_layout(block_sizes, n);
+  const int64_t n = d.numel();
+  const Layout l = make_layout(block_sizes, n);
+  const FeedbackTask task = feedback_task(error, segments, prev_scales, prev_bits, l);
   const float* dp = d.data_ptr<float>();
-  float* ep = error.data_ptr<float>();
-  auto pass1 = [&](int64_t lo, int64_t hi, int64_t) {
-    return feedback_pass1(dp, ep, segments, lo, hi);
-  };
-  return two_pass(l, n, ep, ep, pass1, d.options());
+  return one_pass(l, n, task.e, [&](int64_t lo, int64_t hi, int64_t blk) { return task(dp, lo, hi, blk); },
+                  d.options());
+}
+
+// The server step, likewise: p = (1/M)*sum_i C_i + r*(e - C_prev), without materialising the mean.
+std::tuple<at::Tensor, at::Tensor> blocksign_server_feedback(
+    std::vector<at::Tensor> scales, std::vector<at::Tensor> bits, at::Tensor error,
+    std::vector<int64_t> block_sizes, Segments segments, c10::optional<at::Tensor> prev_scales,
+    c10::optional<at::Tensor> prev_bits) {
+  const int64_t n = error.numel();
+  const Layout l = make_layout(block_sizes, n);
+  const Payloads in(scales, bits, l, n);
+  TORCH_CHECK_VALUE(!in.scales.empty(), "the server step needs at least one payload");
+  const FeedbackTask task = feedback_task(error, segments, prev_scales, prev_bits, l);
+  return one_pass(
+      l, n, task.e,
+      [&](int64_t lo, int64_t hi, int64_t blk) {
+        thread_local std::vector<float> mean;  // one task's mean, in cache for the rest of the task
+        mean.resize(kChunk);
+        in.mean_range(lo, hi, blk, mean.data());
+        return task(mean.data() - lo, lo, hi, blk);
+      },
+      error.options());
 }
 
 // (scales, bits) of x, without error feedback.
-std::tuple<torch::Tensor, torch::Tensor> blocksign_compress(torch::Tensor x, std::vector<int64_t> block_sizes) {
+std::tuple<at::Tensor, at::Tensor> blocksign_compress(at::Tensor x, std::vector<int64_t> block_sizes) {
   check_vec(x, "x");
-  int64_t n = x.numel();
-  Layout l = make_layout(block_sizes, n);
+  const int64_t n = x.numel();
+  const Layout l = make_layout(block_sizes, n);
   const float* xp = x.data_ptr<float>();
-  auto pass1 = [&](int64_t lo, int64_t hi, int64_t) { return abs_sum(xp, lo, hi); };
-  return two_pass(l, n, xp, nullptr, pass1, x.options());
+  return one_pass(l, n, xp, [&](int64_t lo, int64_t hi, int64_t) { return abs_sum(xp, lo, hi); }, x.options());
 }
 
 // (1/M) * sum of M decompressed payloads: the server's first line.
 // ``out``, when given, is written instead of a new tensor (saves a page-faulting allocation per step).
-torch::Tensor blocksign_decompress_mean(std::vector<torch::Tensor> scales, std::vector<torch::Tensor> bits,
+at::Tensor blocksign_decompress_mean(std::vector<at::Tensor> scales, std::vector<at::Tensor> bits,
                                         std::vector<int64_t> block_sizes, int64_t numel,
-                                        c10::optional<torch::Tensor> out_) {
-  Layout l = make_layout(block_sizes, numel);
-  Payloads in(scales, bits, l, numel);
-  torch::Tensor out = out_.has_value() ? *out_ : torch::empty({numel}, torch::dtype(torch::kFloat32));
+                                        c10::optional<at::Tensor> out_) {
+  const Layout l = make_layout(block_sizes, numel);
+  const Payloads in(scales, bits, l, numel);
+  TORCH_CHECK_VALUE(!in.scales.empty(), "need at least one payload");
+  at::Tensor out = out_.has_value() ? *out_ : at::empty({numel}, at::dtype(at::kFloat));
   check_vec(out, "out");
   TORCH_CHECK_VALUE(out.numel() == numel, "out has ", out.numel(), " elements, expected ", numel);
   float* o = out.data_ptr<float>();
-  for_each_task(l, [&](int64_t lo, int64_t hi, int64_t blk) { in.mean_range(lo, hi, blk, o + lo); });
+  at::parallel_for(0, (int64_t)l.tasks.size(), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) in.mean_range(l.tasks[t].lo, l.tasks[t].hi, l.tasks[t].block, o + l.tasks[t].lo);
+  });
   return out;
 }
 
 // scale_b * sign as a float32 vector.
-torch::Tensor blocksign_decompress(torch::Tensor scales, torch::Tensor bits, std::vector<int64_t> block_sizes,
-                                   int64_t numel, c10::optional<torch::Tensor> out) {
+at::Tensor blocksign_decompress(at::Tensor scales, at::Tensor bits, std::vector<int64_t> block_sizes,
+                                   int64_t numel, c10::optional<at::Tensor> out) {
   return blocksign_decompress_mean({scales}, {bits}, block_sizes, numel, out);
 }
 
-// The server step fused: p = (1/M)*sum_i C_i + r*e; (scales, bits) = C(p); e <- p - C(p),
-// without materialising the mean.
-std::tuple<torch::Tensor, torch::Tensor> blocksign_server_feedback(std::vector<torch::Tensor> scales,
-                                                                   std::vector<torch::Tensor> bits,
-                                                                   torch::Tensor error,
-                                                                   std::vector<int64_t> block_sizes,
-                                                                   Segments segments) {
-  check_vec(error, "error");
-  int64_t n = error.numel();
-  Layout l = make_layout(block_sizes, n);
-  Payloads in(scales, bits, l, n);
-  float* ep = error.data_ptr<float>();
-  auto pass1 = [&](int64_t lo, int64_t hi, int64_t blk) {
-    thread_local std::vector<float> mean;  // one task's mean, still in cache for pass 1
-    mean.resize(kChunk);
-    in.mean_range(lo, hi, blk, mean.data());
-    return feedback_pass1(mean.data() - lo, ep, segments, lo, hi);
-  };
-  return two_pass(l, n, ep, ep, pass1, error.options());
-}
-
 // Packed signs of x (bit set where x >= 0), without scales: signum's message.
-torch::Tensor pack_signs(torch::Tensor x) {
+at::Tensor pack_signs(at::Tensor x) {
   check_vec(x, "x");
   const int64_t n = x.numel();
-  auto bits = torch::zeros({(n + 7) / 8}, x.options().dtype(torch::kUInt8));
+  auto bits = at::zeros({(n + 7) / 8}, x.options().dtype(at::kByte));
   const float* xp = x.data_ptr<float>();
   uint8_t* b = bits.data_ptr<uint8_t>();
   at::parallel_for(0, (n + 7) / 8, kChunk / 8, [&](int64_t lo, int64_t hi) {
-    pack_signs(xp, b, lo * 8, std::min(hi * 8, n));  // whole bytes per task: no byte is shared
+    pack_sign_bits(xp, b, lo * 8, std::min(hi * 8, n));  // whole bytes per task: no byte is shared
   });
   return bits;
 }

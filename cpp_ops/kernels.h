@@ -1,8 +1,9 @@
 // The compiled kernels of hvd_distef (CPU): declarations shared by the sources and the bindings.
+// ATen only (not torch/extension.h): the kernel sources compile in a fraction of the time.
 // hvd_distef/_torch_kernels.py holds the reference of each, with the same signature.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <tuple>
 #include <vector>
@@ -29,28 +30,29 @@ inline const BitTable kOnes(1.0f, 0.0f);
 
 using Segments = std::vector<std::tuple<int64_t, int64_t, double>>;  // (start, stop, ratio) per param group
 
-// blocksign.cpp: blockwise scaled sign with error feedback (SPEC §1, §2)
-std::tuple<torch::Tensor, torch::Tensor> blocksign_feedback(torch::Tensor d, torch::Tensor error,
-                                                            std::vector<int64_t> block_sizes, Segments segments);
-std::tuple<torch::Tensor, torch::Tensor> blocksign_compress(torch::Tensor x, std::vector<int64_t> block_sizes);
-torch::Tensor blocksign_decompress_mean(std::vector<torch::Tensor> scales, std::vector<torch::Tensor> bits,
+// blocksign.cpp: blockwise scaled sign with error feedback (SPEC §1, §2). The error steps leave p
+// in ``error`` and defer e = p - C(p) to their next call (prev_scales, prev_bits = that C(p)).
+std::tuple<at::Tensor, at::Tensor> blocksign_feedback(at::Tensor d, at::Tensor error,
+                                                            std::vector<int64_t> block_sizes, Segments segments,
+                                                            c10::optional<at::Tensor> prev_scales,
+                                                            c10::optional<at::Tensor> prev_bits);
+std::tuple<at::Tensor, at::Tensor> blocksign_server_feedback(
+    std::vector<at::Tensor> scales, std::vector<at::Tensor> bits, at::Tensor error,
+    std::vector<int64_t> block_sizes, Segments segments, c10::optional<at::Tensor> prev_scales,
+    c10::optional<at::Tensor> prev_bits);
+std::tuple<at::Tensor, at::Tensor> blocksign_compress(at::Tensor x, std::vector<int64_t> block_sizes);
+at::Tensor blocksign_decompress_mean(std::vector<at::Tensor> scales, std::vector<at::Tensor> bits,
                                         std::vector<int64_t> block_sizes, int64_t numel,
-                                        c10::optional<torch::Tensor> out);
-torch::Tensor blocksign_decompress(torch::Tensor scales, torch::Tensor bits, std::vector<int64_t> block_sizes,
-                                   int64_t numel, c10::optional<torch::Tensor> out);
-std::tuple<torch::Tensor, torch::Tensor> blocksign_server_feedback(std::vector<torch::Tensor> scales,
-                                                                   std::vector<torch::Tensor> bits,
-                                                                   torch::Tensor error,
-                                                                   std::vector<int64_t> block_sizes,
-                                                                   Segments segments);
-
-torch::Tensor pack_signs(torch::Tensor x);
+                                        c10::optional<at::Tensor> out);
+at::Tensor blocksign_decompress(at::Tensor scales, at::Tensor bits, std::vector<int64_t> block_sizes,
+                                   int64_t numel, c10::optional<at::Tensor> out);
+at::Tensor pack_signs(at::Tensor x);
 
 // majority_vote.cpp: signum's vote (SPEC §3)
-torch::Tensor majority_vote(torch::Tensor rows, int64_t numel);
-torch::Tensor unpack_vote(torch::Tensor vote, int64_t numel, c10::optional<torch::Tensor> out);
+at::Tensor majority_vote(at::Tensor rows, int64_t numel);
+at::Tensor unpack_vote(at::Tensor vote, int64_t numel, c10::optional<at::Tensor> out);
 
 // sgd_update.cpp: the optimizer's element-wise passes around the exchange (SPEC §1)
-void momentum_(torch::Tensor grad, torch::Tensor momentum, double mu, bool nesterov);
-void descend_(std::vector<torch::Tensor> params, torch::Tensor delta, c10::optional<torch::Tensor> decay_buffer,
+void momentum_(at::Tensor grad, at::Tensor momentum, double mu, bool nesterov);
+void descend_(std::vector<at::Tensor> params, at::Tensor delta, c10::optional<at::Tensor> decay_buffer,
               double lr, double mu, double weight_decay, bool nesterov);

@@ -43,14 +43,14 @@ HOT void unpack_vote_bytes(const uint8_t* positive, const uint8_t* nonzero, floa
 
 // rows: M packed sign vectors of ceil(numel/8) bytes each, concatenated. Returns 2·ceil(numel/8)
 // bytes: the positive mask, then the non-zero mask (padding bits 0 in both).
-torch::Tensor majority_vote(torch::Tensor rows, int64_t numel) {
+at::Tensor majority_vote(at::Tensor rows, int64_t numel) {
   const int64_t b = (numel + 7) / 8;
-  TORCH_CHECK_VALUE(rows.device().is_cpu() && rows.dtype() == torch::kUInt8 && rows.is_contiguous(),
+  TORCH_CHECK_VALUE(rows.device().is_cpu() && rows.dtype() == at::kByte && rows.is_contiguous(),
                     "rows must be a contiguous uint8 CPU tensor");
   TORCH_CHECK_VALUE(b > 0 ? rows.numel() % b == 0 && rows.numel() > 0 : rows.numel() == 0, "rows has ",
                     rows.numel(), " bytes, not a positive multiple of ", b);
   const int64_t m_rows = b > 0 ? rows.numel() / b : 0;
-  auto vote = torch::zeros({2 * b}, rows.options());
+  auto vote = at::zeros({2 * b}, rows.options());
   const uint8_t* r = rows.data_ptr<uint8_t>();
   uint8_t* v = vote.data_ptr<uint8_t>();
   at::parallel_for(0, b, kGrainBytes, [&](int64_t lo, int64_t hi) { vote_bytes(r, b, m_rows, lo, hi, v, v + b); });
@@ -59,13 +59,13 @@ torch::Tensor majority_vote(torch::Tensor rows, int64_t numel) {
 }
 
 // The vote as float32 [numel]: +1, -1, or 0 where the non-zero bit is clear (written into out when given).
-torch::Tensor unpack_vote(torch::Tensor vote, int64_t numel, c10::optional<torch::Tensor> out_) {
+at::Tensor unpack_vote(at::Tensor vote, int64_t numel, c10::optional<at::Tensor> out_) {
   const int64_t b = (numel + 7) / 8;
-  TORCH_CHECK_VALUE(vote.device().is_cpu() && vote.dtype() == torch::kUInt8 && vote.is_contiguous() &&
+  TORCH_CHECK_VALUE(vote.device().is_cpu() && vote.dtype() == at::kByte && vote.is_contiguous() &&
                         vote.numel() == 2 * b,
                     "vote must be 2*ceil(numel/8) contiguous uint8 bytes on the CPU");
-  torch::Tensor out = out_.has_value() ? *out_ : torch::empty({numel}, torch::dtype(torch::kFloat32));
-  TORCH_CHECK_VALUE(out.device().is_cpu() && out.dtype() == torch::kFloat32 && out.is_contiguous() &&
+  at::Tensor out = out_.has_value() ? *out_ : at::empty({numel}, at::dtype(at::kFloat));
+  TORCH_CHECK_VALUE(out.device().is_cpu() && out.dtype() == at::kFloat && out.is_contiguous() &&
                         out.numel() == numel,
                     "out must be a contiguous float32 CPU tensor of numel elements");
   const uint8_t* v = vote.data_ptr<uint8_t>();

@@ -13,8 +13,8 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;
 
-void check_flat(const torch::Tensor& t, const char* what) {
-  TORCH_CHECK_VALUE(t.device().is_cpu() && t.dtype() == torch::kFloat32 && t.is_contiguous(), what,
+void check_flat(const at::Tensor& t, const char* what) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.dtype() == at::kFloat && t.is_contiguous(), what,
                     " must be a contiguous float32 CPU tensor");
 }
 
@@ -59,7 +59,7 @@ HOT void descend_range(float* x, const float* delta, float* w, int64_t n, float 
 }  // namespace
 
 // m = mu*m + g;  g = g + mu*m (nesterov) or m: the worker's momentum of SPEC §1, in place.
-void momentum_(torch::Tensor grad, torch::Tensor momentum, double mu, bool nesterov) {
+void momentum_(at::Tensor grad, at::Tensor momentum, double mu, bool nesterov) {
   check_flat(grad, "grad");
   check_flat(momentum, "momentum");
   TORCH_CHECK_VALUE(grad.numel() == momentum.numel(), "grad and momentum differ in length");
@@ -73,7 +73,7 @@ void momentum_(torch::Tensor grad, torch::Tensor momentum, double mu, bool neste
 // The update of SPEC §1 for one param group: weight decay with its own momentum buffer w
 // (uncompressed), then x = x - lr*u, reading the parameters where they live (no flat copy of x).
 // ``delta`` (Δ̃, flat over the group's parameters in order) is read only.
-void descend_(std::vector<torch::Tensor> params, torch::Tensor delta, c10::optional<torch::Tensor> decay_buffer,
+void descend_(std::vector<at::Tensor> params, at::Tensor delta, c10::optional<at::Tensor> decay_buffer,
               double lr, double mu, double weight_decay, bool nesterov) {
   check_flat(delta, "delta");
   std::vector<int64_t> offsets{0};

@@ -40,17 +40,17 @@ def blocksign_decompress(scales, bits, block_sizes, numel, out=None):
     return _pick(scales).blocksign_decompress(scales, bits, list(block_sizes), numel, out=out)
 
 
-def blocksign_feedback(d, error, block_sizes, segments):
-    return _pick(d).blocksign_feedback(d, error, list(block_sizes), list(segments))
+def blocksign_feedback(d, error, block_sizes, segments, prev_scales=None, prev_bits=None):
+    return _pick(d).blocksign_feedback(d, error, list(block_sizes), list(segments), prev_scales, prev_bits)
 
 
 def blocksign_decompress_mean(scales, bits, block_sizes, numel, out=None):
     return _pick(scales[0]).blocksign_decompress_mean(list(scales), list(bits), list(block_sizes), numel, out=out)
 
 
-def blocksign_server_feedback(scales, bits, error, block_sizes, segments):
+def blocksign_server_feedback(scales, bits, error, block_sizes, segments, prev_scales=None, prev_bits=None):
     return _pick(error).blocksign_server_feedback(list(scales), list(bits), error, list(block_sizes),
-                                                  list(segments))
+                                                  list(segments), prev_scales, prev_bits)
 
 
 def pack_signs(x):

@@ -99,12 +99,18 @@ def blocksign_decompress(scales: torch.Tensor, bits: torch.Tensor, block_sizes: 
     return torch.mul(unpack_signs(bits, numel), expand_blocks(scales, block_sizes, numel), out=out)
 
 
-def blocksign_feedback(d: torch.Tensor, error: torch.Tensor, block_sizes: Sequence[int],
-                       segments: Segments) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One error-feedback step with blocksign: p = d + r·e; (scales, bits) = C(p); e <- p - C(p)."""
+def blocksign_feedback(d: torch.Tensor, error: torch.Tensor, block_sizes: Sequence[int], segments: Segments,
+                       prev_scales: Optional[torch.Tensor] = None,
+                       prev_bits: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One error-feedback step with blocksign, its last line deferred (as the compiled kernel does
+    it, in one pass): e = error − C_prev when the previous step's payload C_prev is given;
+    p = d + r·e; returns (scales, bits) = C(p) and leaves p in ``error``: e <- p − C(p) is the
+    next call's first line (or ``BlockSign.settle``)."""
+    if prev_scales is not None:
+        error.sub_(blocksign_decompress(prev_scales, prev_bits, block_sizes, error.numel()))
     p = compensate(d, error, segments)
     scales, bits = blocksign_compress(p, block_sizes)
-    torch.sub(p, blocksign_decompress(scales, bits, block_sizes, p.numel()), out=error)
+    error.copy_(p)
     return scales, bits
 
 
@@ -120,10 +126,13 @@ def blocksign_decompress_mean(scales: List[torch.Tensor], bits: List[torch.Tenso
 
 
 def blocksign_server_feedback(scales: List[torch.Tensor], bits: List[torch.Tensor], error: torch.Tensor,
-                              block_sizes: Sequence[int], segments: Segments) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The server step: p = (1/M)·Σ_i C_i + r·ẽ;  (scales, bits) = C(p);  ẽ <- p − C(p)."""
+                              block_sizes: Sequence[int], segments: Segments,
+                              prev_scales: Optional[torch.Tensor] = None,
+                              prev_bits: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The server step: p = (1/M)·Σ_i C_i + r·ẽ;  (scales, bits) = C(p);  ẽ <- p − C(p), deferred
+    like ``blocksign_feedback``."""
     mean = blocksign_decompress_mean(scales, bits, block_sizes, error.numel())
-    return blocksign_feedback(mean, error, block_sizes, segments)
+    return blocksign_feedback(mean, error, block_sizes, segments, prev_scales, prev_bits)
 
 
 def momentum_(grad: torch.Tensor, momentum: torch.Tensor, mu: float, nesterov: bool) -> None:

@@ -6,7 +6,7 @@ the gradient), compresses, and keeps what the compressor did not send.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 
@@ -51,28 +51,53 @@ def window(segments: Segments, start: int, stop: int) -> Segments:
 
 
 class ErrorMemory:
-    """One role's error e (zeros at start) and its compensate-compress-keep step."""
+    """One role's error e (zeros at start) and its compensate-compress-keep step.
+
+    Where the compressor defers e <- p − Δ (``Compressor.defers_settle``), the buffer holds p
+    between steps and the Δ still to subtract is kept per shard; the next step subtracts it in the
+    same pass, and reading ``error`` subtracts it first, so what anyone sees is always e.
+    """
 
     def __init__(self, numel: int, device: torch.device | str = "cpu"):
-        self.error = torch.zeros(numel, dtype=torch.float32, device=device)
+        self._buffer = torch.zeros(numel, dtype=torch.float32, device=device)
+        self._unsettled: Dict[int, Tuple[Compressor, Payload]] = {}  # shard start -> (compressor, Δ)
+
+    @property
+    def error(self) -> torch.Tensor:
+        """e, with every deferred subtraction done."""
+        for start, (compressor, delta) in self._unsettled.items():
+            compressor.settle(self._buffer[start:start + delta.numel], delta)
+        self._unsettled.clear()
+        return self._buffer
+
+    def _kept(self, compressor: Compressor, start: int, delta: Payload) -> Payload:
+        if compressor.defers_settle:
+            self._unsettled[start] = (compressor, delta)
+        return delta
+
+    def _take_unsettled(self, start: int):
+        return self._unsettled.pop(start, (None, None))[1]
 
     def step(self, compressor: Compressor, d: torch.Tensor, segments: Segments,
              shards: Sequence[Shard]) -> List[Payload]:
         """p = d + (η_{t-1}/η_t)·e;  Δ = C(p);  e <- p − Δ, one payload per shard of d."""
-        return [compressor.compress_with_feedback(d[s.start:s.stop], self.error[s.start:s.stop], s.block_sizes,
-                                                  window(segments, s.start, s.stop))
+        return [self._kept(compressor, s.start, compressor.compress_with_feedback(
+                    d[s.start:s.stop], self._buffer[s.start:s.stop], s.block_sizes,
+                    window(segments, s.start, s.stop), self._take_unsettled(s.start)))
                 for s in shards]
 
     def mean_step(self, compressor: Compressor, payloads: Sequence[Payload], segments: Segments,
                   block_sizes: Sequence[int]) -> Payload:
         """The server's step: p = (1/M)·Σ_i Δ_i + (η_{t-1}/η_t)·e;  Δ = C(p);  e <- p − Δ (whole memory)."""
-        return compressor.mean_with_feedback(payloads, self.error, block_sizes, segments)
+        return self._kept(compressor, 0, compressor.mean_with_feedback(payloads, self._buffer, block_sizes, segments,
+                                                                       self._take_unsettled(0)))
 
     def state_dict(self) -> torch.Tensor:
         return self.error.clone()
 
     def load_state_dict(self, error: torch.Tensor) -> None:
-        if error.shape != self.error.shape:
+        if error.shape != self._buffer.shape:
             raise ValueError(f"error memory has {error.numel()} elements, this run needs "
-                             f"{self.error.numel()}: the checkpoint is from another model or topology")
-        self.error.copy_(error)
+                             f"{self._buffer.numel()}: the checkpoint is from another model or topology")
+        self._unsettled.clear()
+        self._buffer.copy_(error)

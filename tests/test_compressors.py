@@ -151,6 +151,32 @@ def test_compress_with_feedback_keeps_the_residual():
     torch.testing.assert_close(c.decompress(payload) + e, p)
 
 
+def test_blocksign_defers_the_residual_until_settled():
+    c = Compression.blocksign()
+    d, e = rand(20, 1), rand(20, 2)
+    p = d + 0.5 * e
+    payload = c.compress_with_feedback(d, e, [8, 12], [(0, 20, 0.5)])
+    torch.testing.assert_close(e, p)  # p kept; e <- p − C(p) deferred
+    c.settle(e, payload)
+    torch.testing.assert_close(c.decompress(payload) + e, p)
+
+
+def test_error_memory_shows_the_settled_error():
+    from hvd_distef.error_feedback import ErrorMemory, Shard
+    c, memory = Compression.blocksign(), ErrorMemory(20)
+    d = rand(20, 1)
+    shards = [Shard(0, 8, (8,)), Shard(8, 20, (12,))]
+    payloads = memory.step(c, d, [(0, 20, 1.0)], shards)
+    sent = torch.cat([c.decompress(p) for p in payloads])
+    torch.testing.assert_close(memory.error, d - sent)
+    torch.testing.assert_close(memory.state_dict(), d - sent)
+    # reading settled it; the next step starts from that e, then settles its own Δ on the next read
+    d2 = rand(20, 3)
+    p2 = d2 + (d - sent)
+    sent2 = torch.cat([c.decompress(p) for p in memory.step(c, d2, [(0, 20, 1.0)], shards)])
+    torch.testing.assert_close(memory.error, p2 - sent2)
+
+
 def test_block_options():
     assert Compression.blocksign(block_size=4).blocks([10, 3]) == [4, 4, 2, 3]
     assert Compression.blocksign(bucket_mb=16 / 2**20).blocks([2, 2, 3, 1, 5]) == [4, 4, 5]

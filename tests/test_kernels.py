@@ -81,9 +81,56 @@ def test_server_feedback_and_mean_match_torch(case):
 
 def test_ratio_zero_keeps_d_exactly():
     d, e = rand(1000), rand(1000, 1)
-    cpp.blocksign_feedback(d, e, [1000], [(0, 1000, 0.0)])
-    s, b = ref.blocksign_compress(d, [1000])
-    torch.testing.assert_close(e, d - ref.blocksign_decompress(s, b, [1000], 1000))
+    s, b = cpp.blocksign_feedback(d, e, [1000], [(0, 1000, 0.0)])
+    assert torch.equal(e, d)  # p = d, left in e until the next step settles it
+    s_ref, b_ref = ref.blocksign_compress(d, [1000])
+    assert torch.equal(b, b_ref)
+
+
+def eager_steps(ds, e, blocks, ratio):
+    """Error feedback as SPEC §1 writes it, from torch ops alone: p = d + r·e; C(p); e = p − C(p)."""
+    sent = []
+    for d in ds:
+        p = d + torch.mul(e, ratio)
+        scales = torch.stack([part.abs().sum() / part.numel() for part in p.split(blocks)])
+        signs = torch.where(p >= 0, 1.0, -1.0)
+        e = p - signs * torch.repeat_interleave(scales, torch.tensor(blocks))
+        sent.append((scales, ref.pack_bits(p >= 0)))
+    return sent, e
+
+
+@pytest.mark.parametrize("path", ["cpp", "torch"])
+@pytest.mark.parametrize("case", ["nine", "many_small_blocks", "large_odd_blocks"])
+def test_deferred_steps_equal_the_eager_ones(path, case):
+    """Three worker steps, each settling the last one's Δ in its pass, then a final settle: the same
+    bits, scales and error as the eager steps of SPEC §1."""
+    x, blocks = CASES[case]
+    n = x.numel()
+    ds = [rand(n, 20 + t) for t in range(3)]
+    kernels = cpp if path == "cpp" else ref
+    e = rand(n, 9)
+    sent_ref, e_ref = eager_steps(ds, e.clone(), blocks, 0.5)
+    prev = (None, None)
+    for d, (s_ref, b_ref) in zip(ds, sent_ref):
+        prev = kernels.blocksign_feedback(d, e, blocks, [(0, n, 0.5)], *prev)
+        assert torch.equal(prev[1], b_ref)
+        torch.testing.assert_close(prev[0], s_ref, rtol=1e-5, atol=0)
+    e.sub_(ref.blocksign_decompress(*prev, blocks, n))
+    torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-5 * float(sent_ref[-1][0].max()))
+
+
+def test_server_step_settles_its_previous_payload():
+    x, blocks = CASES["large_odd_blocks"]
+    n = x.numel()
+    payloads = [ref.blocksign_compress(rand(n, seed), blocks) for seed in range(3)]
+    scales, bits = [p[0] for p in payloads], [p[1] for p in payloads]
+    e_ref, e = rand(n, 5), rand(n, 5)
+    first_ref = ref.blocksign_server_feedback(scales, bits, e_ref, blocks, [(0, n, 1.0)])
+    first = cpp.blocksign_server_feedback(scales, bits, e, blocks, [(0, n, 1.0)])
+    second_ref = ref.blocksign_server_feedback(scales, bits, e_ref, blocks, [(0, n, 2.0)], *first_ref)
+    second = cpp.blocksign_server_feedback(scales, bits, e, blocks, [(0, n, 2.0)], *first)
+    assert torch.equal(second[1], second_ref[1])
+    torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-5 * float(second_ref[0].max()))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

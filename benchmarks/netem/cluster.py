@@ -183,6 +183,9 @@ class EmulatedCluster:
                str(self.tmp / "hostfile"), "--mca", "plm_rsh_agent", str(self.tmp / "agent.sh"),
                "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "eth0",
                "--mca", "oob_tcp_if_include", "eth0", "--mca", "mpi_yield_when_idle", str(int(yield_when_idle)),
+               # the orteds of all namespaces share this machine; their hwloc shared-memory topology
+               # write races and once segfaulted a launch: skip it
+               "--mca", "rtc_hwloc_vmhole", "none",
                "--timeout", str(int(timeout)), "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH", *argv]
         env = dict(os.environ if env is None else env, OMPI_ALLOW_RUN_AS_ROOT="1",
                    OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))

@@ -24,6 +24,10 @@ class Compressor:
     name: ClassVar[str] = ""
     #: whether blocks other than one-per-vector change what it computes (blocksign only)
     uses_blocks: ClassVar[bool] = False
+    #: whether ``compress_with_feedback`` leaves p in the error and defers e <- p − C(p) to its next
+    #: call (``unsettled``) or to ``settle``: one pass over memory instead of two (ErrorMemory
+    #: keeps track; SPEC §1 is unchanged)
+    defers_settle: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -53,17 +57,24 @@ class Compressor:
         return [total] if total else []
 
     def compress_with_feedback(self, d: torch.Tensor, error: torch.Tensor, block_sizes: Sequence[int],
-                               segments: _kernels.Segments) -> Payload:
-        """One error-feedback step: p = d + r·e; Δ = C(p); e <- p - Δ (in place). Returns Δ's payload."""
+                               segments: _kernels.Segments, unsettled: Optional[Payload] = None) -> Payload:
+        """One error-feedback step: p = d + r·e; Δ = C(p); e <- p - Δ (in place). Returns Δ's payload.
+        ``unsettled``: the previous step's Δ when ``error`` still holds its p (``defers_settle``)."""
+        if unsettled is not None:
+            self.settle(error, unsettled)
         p = _kernels.compensate(d, error, segments)
         payload = self.compress(p, block_sizes)
         torch.sub(p, self.decompress(payload), out=error)
         return payload
 
     def mean_with_feedback(self, payloads: Sequence[Payload], error: torch.Tensor, block_sizes: Sequence[int],
-                           segments: _kernels.Segments) -> Payload:
+                           segments: _kernels.Segments, unsettled: Optional[Payload] = None) -> Payload:
         """The server's error-feedback step: p = (1/M)·Σ_i decompress(payload_i) + r·e;  C(p);  e <- p − C(p)."""
-        return self.compress_with_feedback(self.decompress_mean(payloads), error, block_sizes, segments)
+        return self.compress_with_feedback(self.decompress_mean(payloads), error, block_sizes, segments, unsettled)
+
+    def settle(self, error: torch.Tensor, payload: Payload) -> None:
+        """e <- p − Δ: the last line of an error step, where ``error`` holds p and ``payload`` is Δ."""
+        error.sub_(self.decompress(payload))
 
     def decompress_mean(self, payloads: Sequence[Payload]) -> torch.Tensor:
         """(1/M)·Σ_i decompress(payload_i)."""

@@ -25,6 +25,7 @@ class BlockSign(Compressor):
 
     name = "blocksign"
     uses_blocks = True
+    defers_settle = True  # the compiled kernel's single pass (cpp_ops/blocksign.cpp); the torch path alike
 
     def __init__(self, block_size: Optional[int] = None, bucket_mb: Optional[float] = None):
         if block_size is not None and (int(block_size) != block_size or block_size <= 0):
@@ -79,18 +80,22 @@ class BlockSign(Compressor):
         return _kernels.blocksign_decompress(payload["scales"], payload["bits"], payload.block_sizes, payload.numel,
                                              out=out)
 
-    def compress_with_feedback(self, d, error, block_sizes, segments) -> Payload:
+    def compress_with_feedback(self, d, error, block_sizes, segments, unsettled=None) -> Payload:
         if d.numel() == 0:
             return self._empty(d)
-        scales, bits = _kernels.blocksign_feedback(d, error, block_sizes, segments)
+        scales, bits = _kernels.blocksign_feedback(d, error, block_sizes, segments, *self._fields(unsettled))
         return self._payload(d.numel(), block_sizes, scales, bits)
 
-    def mean_with_feedback(self, payloads, error, block_sizes, segments) -> Payload:
+    def mean_with_feedback(self, payloads, error, block_sizes, segments, unsettled=None) -> Payload:
         if error.numel() == 0:
             return self._empty(error)
         scales, bits = _kernels.blocksign_server_feedback([p["scales"] for p in payloads], [p["bits"] for p in payloads],
-                                                          error, block_sizes, segments)
+                                                          error, block_sizes, segments, *self._fields(unsettled))
         return self._payload(error.numel(), block_sizes, scales, bits)
+
+    @staticmethod
+    def _fields(payload: Optional[Payload]) -> tuple:
+        return (None, None) if payload is None else (payload["scales"], payload["bits"])
 
     def decompress_mean(self, payloads: Sequence[Payload]) -> torch.Tensor:
         first = payloads[0]
