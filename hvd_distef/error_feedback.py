@@ -60,37 +60,38 @@ class ErrorMemory:
 
     def __init__(self, numel: int, device: torch.device | str = "cpu"):
         self._buffer = torch.zeros(numel, dtype=torch.float32, device=device)
-        self._unsettled: Dict[int, Tuple[Compressor, Payload]] = {}  # shard start -> (compressor, Δ)
+        self._unsettled: Dict[Tuple[int, int], Tuple[Compressor, Payload]] = {}  # (start, stop) -> (compressor, Δ)
 
     @property
     def error(self) -> torch.Tensor:
         """e, with every deferred subtraction done."""
-        for start, (compressor, delta) in self._unsettled.items():
-            compressor.settle(self._buffer[start:start + delta.numel], delta)
+        for (start, stop), (compressor, delta) in self._unsettled.items():
+            compressor.settle(self._buffer[start:stop], delta)
         self._unsettled.clear()
         return self._buffer
 
-    def _kept(self, compressor: Compressor, start: int, delta: Payload) -> Payload:
+    def _kept(self, compressor: Compressor, where: Tuple[int, int], delta: Payload) -> Payload:
         if compressor.defers_settle:
-            self._unsettled[start] = (compressor, delta)
+            self._unsettled[where] = (compressor, delta)
         return delta
 
-    def _take_unsettled(self, start: int):
-        return self._unsettled.pop(start, (None, None))[1]
+    def _take_unsettled(self, where: Tuple[int, int]):
+        return self._unsettled.pop(where, (None, None))[1]
 
     def step(self, compressor: Compressor, d: torch.Tensor, segments: Segments,
              shards: Sequence[Shard]) -> List[Payload]:
         """p = d + (η_{t-1}/η_t)·e;  Δ = C(p);  e <- p − Δ, one payload per shard of d."""
-        return [self._kept(compressor, s.start, compressor.compress_with_feedback(
+        return [self._kept(compressor, (s.start, s.stop), compressor.compress_with_feedback(
                     d[s.start:s.stop], self._buffer[s.start:s.stop], s.block_sizes,
-                    window(segments, s.start, s.stop), self._take_unsettled(s.start)))
+                    window(segments, s.start, s.stop), self._take_unsettled((s.start, s.stop))))
                 for s in shards]
 
     def mean_step(self, compressor: Compressor, payloads: Sequence[Payload], segments: Segments,
                   block_sizes: Sequence[int]) -> Payload:
         """The server's step: p = (1/M)·Σ_i Δ_i + (η_{t-1}/η_t)·e;  Δ = C(p);  e <- p − Δ (whole memory)."""
-        return self._kept(compressor, 0, compressor.mean_with_feedback(payloads, self._buffer, block_sizes, segments,
-                                                                       self._take_unsettled(0)))
+        whole = (0, self._buffer.numel())
+        return self._kept(compressor, whole, compressor.mean_with_feedback(payloads, self._buffer, block_sizes,
+                                                                           segments, self._take_unsettled(whole)))
 
     def state_dict(self) -> torch.Tensor:
         return self.error.clone()
