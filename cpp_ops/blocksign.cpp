@@ -96,18 +96,6 @@ inline float signed_scale(const uint8_t* bits, int64_t i, float scale) {
   return (bits[i >> 3] >> (i & 7)) & 1 ? scale : -scale;
 }
 
-// e = p - scale*sign over [lo, hi) of one block, with the signs from bits: the deferred last line
-// of the previous error step (p - (±scale), as the torch path computes it).
-HOT void settle_range(float* e, const uint8_t* bits, int64_t lo, int64_t hi, float scale) {
-  int64_t i = lo;
-  for (; i < hi && (i & 7); ++i) e[i] = e[i] - signed_scale(bits, i, scale);
-  for (; i + 8 <= hi; i += 8) {
-    const float* sign = kSigns.v[bits[i >> 3]];
-    for (int k = 0; k < 8; ++k) e[i + k] = e[i + k] - sign[k] * scale;  // ±1 · s is exact
-  }
-  for (; i < hi; ++i) e[i] = e[i] - signed_scale(bits, i, scale);
-}
-
 // p = d + r*e stored in e over [a, b); returns sum |p| (double partial sums: scales as accurate as
 // torch's reductions).
 HOT double compensate_range(const float* d, float* e, int64_t a, int64_t b, float r) {
@@ -128,6 +116,36 @@ HOT double compensate_range(const float* d, float* e, int64_t a, int64_t b, floa
       acc += std::fabs(p);
     }
   }
+  return acc;
+}
+
+// e <- d + r*(e - scale*sign_prev) over [a, b) of one block, in one sweep: the previous step's
+// deferred e = p - (±scale) (as the torch path computes it; ±1 · s is exact), then this step's
+// p = d + r*e. Returns sum |p|.
+HOT double settle_compensate_range(const float* d, float* e, const uint8_t* bits, float scale, int64_t a, int64_t b,
+                                   float r) {
+  double acc = 0.0;
+  int64_t i = a;
+  auto one = [&](int64_t j) {
+    const float t = r * (e[j] - signed_scale(bits, j, scale));
+    const float p = d[j] + t;
+    e[j] = p;
+    acc += std::fabs(p);
+  };
+  for (; i < b && (i & 7); ++i) one(i);
+  for (; i + 8 <= b; i += 8) {
+    const float* sign = kSigns.v[bits[i >> 3]];
+    double part = 0.0;
+#pragma omp simd reduction(+ : part)
+    for (int k = 0; k < 8; ++k) {
+      const float t = r * (e[i + k] - sign[k] * scale);
+      const float p = d[i + k] + t;
+      e[i + k] = p;
+      part += std::fabs(p);
+    }
+    acc += part;
+  }
+  for (; i < b; ++i) one(i);
   return acc;
 }
 
@@ -217,9 +235,12 @@ struct FeedbackTask {
   const float* prev_scales = nullptr;
   const uint8_t* prev_bits = nullptr;
   double operator()(const float* d, int64_t lo, int64_t hi, int64_t blk) const {
-    if (prev_bits) settle_range(e, prev_bits, lo, hi, prev_scales[blk]);
     double total = 0.0;
-    for_each_segment(segments, lo, hi, [&](int64_t a, int64_t b, float r) { total += compensate_range(d, e, a, b, r); });
+    for_each_segment(segments, lo, hi, [&](int64_t a, int64_t b, float r) {
+      // with r = 0 the error is not read: nothing to settle
+      total += prev_bits && r != 0.0f ? settle_compensate_range(d, e, prev_bits, prev_scales[blk], a, b, r)
+                                      : compensate_range(d, e, a, b, r);
+    });
     return total;
   }
 };
