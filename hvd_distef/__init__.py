@@ -6,11 +6,12 @@ momentum (dist-EF-BlockSGDM, Zheng, Huang & Kwok, NeurIPS 2019) for Horovod/MPI 
     opt = hvd_distef.DistributedOptimizer(torch.optim.SGD(...), named_parameters=model.named_parameters(),
                                           compression=hvd_distef.Compression.blocksign, topology="ps")
 """
+from .amp import GradScaler
 from .compressors import Compression, Compressor
 from .errors import HvdDistefError, NonFiniteGradientError
 from .optimizer import DistributedOptimizer
 from .payload import Payload
 
-__all__ = ["Compression", "Compressor", "DistributedOptimizer", "HvdDistefError", "NonFiniteGradientError",
+__all__ = ["Compression", "Compressor", "DistributedOptimizer", "GradScaler", "HvdDistefError", "NonFiniteGradientError",
            "Payload"]
 __version__ = "0.1.0"

@@ -59,11 +59,12 @@ def unpack_vote(vote: torch.Tensor, numel: int, out: Optional[torch.Tensor] = No
 
 
 def block_l1(x: torch.Tensor, block_sizes: Sequence[int]) -> torch.Tensor:
-    """||x_b||_1 for each contiguous block, float32 [B]; one reduction kernel whatever B is, so that
-    a block gives the same bits whether it is compressed alone or with others."""
+    """||x_b||_1 for each contiguous block, float64 [B] (as the compiled kernel sums: a block of
+    float32 values near 3.4e38 has a finite mean but no float32 sum); one reduction kernel whatever
+    B is, so that a block gives the same bits whether it is compressed alone or with others."""
     if not block_sizes:
-        return x.new_zeros(0)
-    return torch.stack(torch._foreach_norm(list(x.split(list(block_sizes))), 1))
+        return x.new_zeros(0, dtype=torch.float64)
+    return torch.stack(torch._foreach_norm(list(x.split(list(block_sizes))), 1, dtype=torch.float64))
 
 
 def expand_blocks(values: torch.Tensor, block_sizes: Sequence[int], numel: int) -> torch.Tensor:
@@ -75,18 +76,20 @@ def expand_blocks(values: torch.Tensor, block_sizes: Sequence[int], numel: int) 
 
 
 def compensate(d: torch.Tensor, error: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """p = d + (η_{t-1}/η_t)·e, each param group with its own ratio (SPEC §1); d untouched."""
+    """p = d + (η_{t-1}/η_t)·e, each param group with its own ratio (SPEC §1); d untouched.
+    The product r·e is rounded before the sum, as in the compiled kernel (torch's
+    ``add_(alpha=r)`` fuses the two into one rounding on CPUs with FMA and would differ)."""
     p = d.clone()
     for start, stop, ratio in segments:
         if ratio != 0.0:
-            p[start:stop].add_(error[start:stop], alpha=ratio)
+            p[start:stop].add_(torch.mul(error[start:stop], ratio))
     return p
 
 
 def blocksign_compress(x: torch.Tensor, block_sizes: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Scales ||x_b||_1/d_b [B] and packed signs of x: the blocksign payload of SPEC §2."""
-    sizes = torch.as_tensor(block_sizes, dtype=torch.float32, device=x.device)
-    scales = block_l1(x, block_sizes) / sizes
+    sizes = torch.as_tensor(block_sizes, dtype=torch.float64, device=x.device)
+    scales = (block_l1(x, block_sizes) / sizes).to(torch.float32)
     if not bool(torch.isfinite(scales).all()):
         bad = int((~torch.isfinite(scales)).nonzero()[0])
         raise ValueError(f"blocksign: non-finite values (inf or NaN) in block {bad}; check the gradients")

@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -35,18 +35,31 @@ def check_not_gloo(mpi_size: int) -> None:
 
 
 class Watchdog:
-    """Aborts the whole job when one of our collectives waits longer than ``timeout_s`` (a peer rank
-    died or hung), so no allocation burns waiting forever. One daemon thread, polling once a second."""
+    """Aborts the whole job when one of our collectives waits longer than its bound (a peer rank
+    died or hung), so no allocation burns waiting forever. One daemon thread per process, however
+    many optimizers are built (``Watchdog.shared``), polling once a second."""
 
-    def __init__(self, world, rank: int, timeout_s: float):
-        self.world, self.rank, self.timeout_s = world, rank, timeout_s
+    _shared: Optional["Watchdog"] = None
+
+    @classmethod
+    def shared(cls, world) -> "Watchdog":
+        if cls._shared is None:
+            cls._shared = cls(world)
+        return cls._shared
+
+    def __init__(self, world):
+        self.world = world
         self.since: Optional[float] = None
         self.what = ""
+        self.timeout_s = DEFAULT_TIMEOUT_S
+        self.rank = world.Get_rank()
+        self._lock = threading.Lock()
         threading.Thread(target=self._run, name="hvd_distef-watchdog", daemon=True).start()
 
     @contextlib.contextmanager
-    def watch(self, what: str):
-        self.what, self.since = what, time.monotonic()
+    def watch(self, what: str, timeout_s: float):
+        with self._lock:
+            self.what, self.timeout_s, self.since = what, timeout_s, time.monotonic()
         try:
             yield
         finally:
@@ -58,10 +71,44 @@ class Watchdog:
             since = self.since
             if since is not None and time.monotonic() - since > self.timeout_s:
                 sys.stderr.write(f"hvd_distef: rank {self.rank}: no progress for {self.timeout_s:.0f} s in "
-                                 f"{self.what}: a peer rank has died or hung. Aborting the job (the bound is "
-                                 f"timeout_s= of DistributedOptimizer or {TIMEOUT_ENV}).\n")
+                                 f"{self.what}: a peer rank has died or hung, or stopped stepping early (uneven "
+                                 f"batches, hvd.join()). Aborting the job (the bound is timeout_s= of "
+                                 f"DistributedOptimizer or {TIMEOUT_ENV}).\n")
                 sys.stderr.flush()
                 self.world.Abort(1)
+
+
+#: one duplicate per base communicator, shared by every optimizer built on it: a sweep that builds
+#: many optimizers holds one communicator, not one each (our collectives never interleave, they run
+#: in the thread that calls step())
+_DUPLICATES: Dict[tuple, Any] = {}  # (handle, world ranks) of a base communicator -> its duplicate
+_PROCESS_SETS: Dict[tuple, Any] = {}  # ranks of a Horovod process set -> their communicator
+
+
+def communicator(mpi_comm: Optional[Any], process_set: Optional[Any]):
+    """The mpi4py communicator our collectives run on: ``comm=``, else the ranks of Horovod's
+    ``process_set=`` (COMM_SELF on a rank outside it: it trains locally, as horovod.torch does),
+    else MPI.COMM_WORLD."""
+    from mpi4py import MPI
+    if mpi_comm is not None and process_set is not None:
+        raise ValueError("give comm= or process_set=, not both")
+    if process_set is None:
+        return MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+    if getattr(process_set, "mpi_comm", None) is not None:
+        return process_set.mpi_comm
+    ranks = getattr(process_set, "ranks", None)
+    if ranks is None:
+        raise ValueError(f"process_set {process_set} is not registered with Horovod: pass it to "
+                         f"hvd.init(process_sets=...) or hvd.add_process_set() first")
+    ranks = sorted(int(r) for r in ranks)
+    world = MPI.COMM_WORLD
+    if ranks == list(range(world.Get_size())):
+        return world
+    if world.Get_rank() not in ranks:
+        return MPI.COMM_SELF
+    if tuple(ranks) not in _PROCESS_SETS:
+        _PROCESS_SETS[tuple(ranks)] = world.Create_group(world.Get_group().Incl(ranks))
+    return _PROCESS_SETS[tuple(ranks)]
 
 
 def _np(buf: torch.Tensor) -> np.ndarray:
@@ -71,25 +118,42 @@ def _np(buf: torch.Tensor) -> np.ndarray:
 class Comm:
     """MPI collectives on raw byte buffers (uint8 CPU tensors), counting what each rank sends and receives."""
 
-    def __init__(self, mpi_comm: Optional[Any] = None, timeout_s: Optional[float] = None):
+    def __init__(self, mpi_comm: Optional[Any] = None, timeout_s: Optional[float] = None,
+                 process_set: Optional[Any] = None):
         try:
             from mpi4py import MPI
         except ImportError as exc:
             raise HvdDistefError(f"cannot use MPI ({exc}); {GLOO_HINT}") from exc
         self.MPI = MPI
-        base = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         check_not_gloo(MPI.COMM_WORLD.Get_size())
-        self.mpi = base.Dup()
-        self.rank = self.mpi.Get_rank()
-        self.size = self.mpi.Get_size()
-        self.bytes_sent = 0
-        self.bytes_received = 0
         if timeout_s is None:
             timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-        self.watchdog = Watchdog(MPI.COMM_WORLD, self.rank, timeout_s)
-        self.watch = self.watchdog.watch
+        self.timeout_s = float(timeout_s)
+        self.watchdog = Watchdog.shared(MPI.COMM_WORLD)
+        self.process_set = process_set
+        base = communicator(mpi_comm, process_set)
+        self.is_world = base == MPI.COMM_WORLD
+        # keyed by the handle and the world ranks it holds: a freed user communicator's handle may be
+        # reused for another group, which then gets a duplicate of its own
+        group, world = base.Get_group(), MPI.COMM_WORLD.Get_group()
+        key = (base.py2f(), tuple(MPI.Group.Translate_ranks(group, list(range(group.Get_size())), world)))
+        group.Free()
+        world.Free()
+        if key not in _DUPLICATES:
+            with self.watch("MPI_Comm_dup"):
+                _DUPLICATES[key] = base.Dup()
+        base = _DUPLICATES[key]
+        self.mpi = base
+        self.rank = self.mpi.Get_rank()
+        self.size = self.mpi.Get_size()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def watch(self, what: str):
+        """Bound a collective by this communicator's timeout (see ``Watchdog``)."""
+        return self.watchdog.watch(what, self.timeout_s)
 
     def count(self, sent: float, received: float) -> None:
         """Add this rank's bytes of one exchange to the counters (fractional for Horovod's ring formula)."""
@@ -142,10 +206,13 @@ class Comm:
         return out
 
     # --- small control messages -----------------------------------------------------------------
-    def any(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on some rank."""
-        with self.watch("MPI Allreduce (non-finite check)"):
-            return bool(self.mpi.allreduce(int(bool(flag)), op=self.MPI.MAX))
+    def max_ints(self, values: List[int]) -> List[int]:
+        """The element-wise maximum of an int vector over the ranks (one small allreduce)."""
+        mine = np.asarray(values, dtype=np.int32)
+        out = np.empty_like(mine)
+        with self.watch("MPI Allreduce (step agreement)"):
+            self.mpi.Allreduce(mine, out, op=self.MPI.MAX)
+        return out.tolist()
 
     def allgather_obj(self, obj: Any) -> List[Any]:
         with self.watch("MPI Allgather"):

@@ -6,7 +6,7 @@ the gradient), compresses, and keeps what the compressor did not send.
 """
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,15 +28,25 @@ class Shard(NamedTuple):
         return self.stop - self.start
 
 
-def lr_ratio_segments(group_bounds: Sequence[Tuple[int, int]], prev_lrs: Sequence[float],
-                      lrs: Sequence[float]) -> Segments:
-    """(start, stop, η_{t-1}/η_t) for each param group's slice of the fused buffer (η_{-1} = 0)."""
+def lr_ratio_segments(group_bounds: Sequence[Tuple[int, int]], prev_lrs: Sequence[float], lrs: Sequence[float],
+                      idle: Sequence[Tuple[int, int]] = ()) -> Segments:
+    """(start, stop, η_{t-1}/η_t) for each param group's slice of the fused buffer (η_{-1} = 0), where
+    η_{t-1} is the group's last non-zero lr. A group at lr = 0, and the ``idle`` slices (parameters
+    no rank has a gradient for), get ratio 0: their errors are kept aside and put back (SPEC §5a)."""
+    cuts = sorted(idle)
     segments = []
     for (start, stop), prev, lr in zip(group_bounds, prev_lrs, lrs):
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0 under error feedback (the error is rescaled by "
-                             f"η_(t-1)/η_t), got lr={lr}")
-        segments.append((start, stop, prev / lr))
+        ratio = prev / lr if lr > 0 else 0.0
+        at = start
+        for a, b in cuts:
+            if b <= at or a >= stop:
+                continue
+            if a > at:
+                segments.append((at, a, ratio))
+            segments.append((max(a, at), min(b, stop), 0.0))
+            at = min(b, stop)
+        if at < stop:
+            segments.append((at, stop, ratio))
     return segments
 
 
@@ -96,9 +106,13 @@ class ErrorMemory:
     def state_dict(self) -> torch.Tensor:
         return self.error.clone()
 
+    def check_state(self, error: Optional[torch.Tensor]) -> None:
+        """Raise unless ``error`` can be loaded (changes nothing)."""
+        if error is None or error.shape != self._buffer.shape:
+            raise ValueError(f"error memory has {None if error is None else error.numel()} elements, this run "
+                             f"needs {self._buffer.numel()}: the checkpoint is from another model or topology")
+
     def load_state_dict(self, error: torch.Tensor) -> None:
-        if error.shape != self._buffer.shape:
-            raise ValueError(f"error memory has {error.numel()} elements, this run needs "
-                             f"{self._buffer.numel()}: the checkpoint is from another model or topology")
+        self.check_state(error)
         self._unsettled.clear()
         self._buffer.copy_(error)

@@ -1,150 +1,222 @@
-"""DistributedOptimizer: fuses gradients, applies worker momentum and error feedback, runs the
-topology's exchange and the update of SPEC §1 (or a baseline's own update rule)."""
+"""DistributedOptimizer: SPEC §1 on top of the user's ``torch.optim.SGD``, with horovod.torch's
+surface (SPEC §5a).
+
+A step reads the gradients into one fused buffer, agrees with the other ranks on what to do
+(``agreement``), runs the worker side (momentum, error feedback, compression), the topology's
+exchange and server step, and the update. ``synchronize()`` is the first half (up to Δ̃, or the
+averaged gradient under ``allreduce``), ``step()`` the second; what a step must leave alone is
+kept aside by ``untouched``.
+"""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+import warnings
+import weakref
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
+from torch.optim.sgd import sgd as functional_sgd
 
-from . import _kernels
+from . import _kernels, agreement, horovod_args
 from .comm import Comm
 from .compressors import Compression, get_compressor
 from .error_feedback import ErrorMemory, lr_ratio_segments
-from .errors import HvdDistefError, NonFiniteGradientError
 from .topologies import get_topology
+from .untouched import Untouched
 
 NONFINITE_POLICIES = ("raise", "skip")
+#: horovod.torch's warning, word for word (scripts and tests look for it)
+SYNCHRONIZE_WARNING = ("optimizer.step() called without optimizer.skip_synchronize() context after "
+                       "optimizer.synchronize(). This can cause training slowdown. You may want to consider "
+                       "using optimizer.skip_synchronize() context if you use optimizer.synchronize() in your code.")
+HYPERPARAMETERS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
+
+
+class _Exchanged(NamedTuple):
+    """What ``synchronize()`` leaves for ``step()``."""
+
+    update: Optional[torch.Tensor]   #: Δ̃ (ef), the vote (signum), None (sgd: the averaged p.grad) or a skipped step
+    untouched: List[Untouched]
+    exposed: bool                    #: the update was written into p.grad (the user may have changed it)
+    skipped: bool
 
 
 class DistributedOptimizer(torch.optim.SGD):
-    """Wraps a ``torch.optim.SGD`` and trains with compressed communication (SPEC §1, §4).
+    """Wraps a ``torch.optim.SGD`` and trains with compressed communication (SPEC §1, §4, §5a).
 
-    The wrapped optimizer supplies lr, momentum, nesterov and weight_decay per param group; torch
-    LR schedulers drive this object as they would the SGD it wraps, and the error rescale
-    η_{t-1}/η_t follows them.
+    The returned object is a ``torch.optim.SGD`` whose ``param_groups`` are the wrapped optimizer's
+    own dicts: a scheduler built on either drives both, and lr, momentum, nesterov and weight_decay
+    may change between steps (the error rescale η_{t-1}/η_t follows lr; lr = 0 leaves x and the
+    errors as they were).
 
     Args:
-        optimizer: a ``torch.optim.SGD`` (dampening 0) over float32 parameters.
+        optimizer: a ``torch.optim.SGD``. Parameters with ``requires_grad=False`` (any dtype) are
+            not the optimizer's work; the others must be float32 (the fused buffer is float32).
         named_parameters: ``model.named_parameters()``, for error messages and the rank agreement check.
-        compression: a compressor name, ``Compression.<name>`` class, or configured instance.
+        compression: a compressor name, ``Compression.<name>`` class, configured instance, or
+            Horovod's ``hvd.Compression.none`` / ``.fp16``.
         topology: one of ``hvd_distef.topologies.REGISTRY`` (``"ps"``, ``"allreduce"``, ...).
-        backward_passes_per_step: backward passes accumulated locally per step; the gradient used
-            is their mean.
+        backward_passes_per_step: backward passes allowed per step (counted per ``backward()``
+            call; ``zero_grad()`` and ``step()`` reset the count). The gradient used is ``p.grad``
+            as the passes left it: summed, as in torch and Horovod (SPEC §1).
+        op, gradient_predivide_factor, num_groups, groups, sparse_as_dense: Horovod's arguments
+            (see ``hvd_distef.horovod_args``).
+        process_set: a Horovod process set: only its ranks exchange (a rank outside it trains alone).
         nonfinite: ``"raise"`` (every rank raises ``NonFiniteGradientError`` before touching any
             buffer) or ``"skip"`` (the step is skipped on every rank and counted).
-        comm: an mpi4py communicator to use instead of ``MPI.COMM_WORLD`` (it is duplicated).
+        comm: an mpi4py communicator to use instead of ``MPI.COMM_WORLD`` (duplicated once per process).
         timeout_s: abort the job when one of our collectives waits longer than this (a dead or hung
-            peer); default: the HVD_DISTEF_TIMEOUT_S environment variable, else 300 s. The wait
-            includes the other ranks' compute time before they reach the exchange.
+            peer); default: the HVD_DISTEF_TIMEOUT_S environment variable, else 300 s.
 
-    A parameter whose gradient is None counts as a zero gradient, on every rank, every step.
+    Raises (on every rank, naming each rank's cause): ``TypeError``/``ValueError`` for bad
+    arguments on any rank, or ranks that disagree on the model, options or hyper-parameters.
     """
+
+    #: torch.amp.GradScaler protocol: step() unscales and skips itself (hvd_distef/amp.py)
+    _step_supports_amp_scaling = True
 
     def __init__(self, optimizer: torch.optim.Optimizer,
                  named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
                  compression=Compression.blocksign, topology: str = "ps",
-                 backward_passes_per_step: int = 1, nonfinite: str = "raise", comm=None,
-                 timeout_s: Optional[float] = None):
+                 backward_passes_per_step: int = 1, op=None, gradient_predivide_factor: float = 1.0,
+                 num_groups: int = 0, groups=None, sparse_as_dense: bool = False, process_set=None,
+                 nonfinite: str = "raise", comm=None, timeout_s: Optional[float] = None):
+        failure = None
+        try:
+            topology_cls = self._configure(optimizer, named_parameters, compression, topology,
+                                           backward_passes_per_step, nonfinite)
+            self._op = horovod_args.reduce_op(op, topology_cls.update_rule)
+            self._predivide = horovod_args.check_predivide(gradient_predivide_factor, self._op)
+            horovod_args.check_groups(num_groups, groups)
+        except (TypeError, ValueError) as exc:  # told to every rank below, instead of a hang
+            failure = exc
+        self.comm = Comm(comm, timeout_s, process_set)
+        agreement.check_construction(self.comm, None if failure else dict(self.config(), **self._hyperparameters()),
+                                     failure)
+        self._build(topology_cls)
+
+    # --- construction -------------------------------------------------------------------------------
+    def _configure(self, optimizer, named_parameters, compression, topology, backward_passes_per_step, nonfinite):
+        """Everything that can fail on one rank alone; returns the topology class."""
         if not isinstance(optimizer, torch.optim.SGD):
             raise TypeError(f"hvd_distef.DistributedOptimizer wraps torch.optim.SGD (the algorithm of SPEC §1 "
                             f"is SGD with momentum), got {type(optimizer).__name__}")
-        if int(backward_passes_per_step) != backward_passes_per_step or backward_passes_per_step < 1:
-            raise ValueError(f"backward_passes_per_step must be a positive integer, got {backward_passes_per_step!r}")
+        self._check_passes(backward_passes_per_step)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self._building = True
-        super().__init__([dict(g) for g in optimizer.param_groups], **optimizer.defaults)
+        super().__init__(optimizer.param_groups, **optimizer.defaults)  # the same group dicts (SPEC §5a)
         self._building = False
-
-        self.compressor = get_compressor(compression)
+        self.compressor = get_compressor(horovod_args.compression_name(compression))
         topology_cls = get_topology(topology)
-        self._validate_groups(topology_cls.update_rule)
+        self._topology_name = topology
+        self._rule = topology_cls.update_rule
         self.backward_passes_per_step = int(backward_passes_per_step)
         self.nonfinite = nonfinite
-
-        self._params: List[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
-        self._names = self._param_names(named_parameters)
+        # the optimizer's work: parameters that require a gradient, per group (SPEC §5a)
+        self._group_params = [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
+        self._params: List[torch.Tensor] = [p for ps in self._group_params for p in ps]
+        managed = {id(p) for p in self._params}
+        self._frozen = [p for g in self.param_groups for p in g["params"] if id(p) not in managed]
+        self._parameter_names = self._names_of(named_parameters)
+        self._names = [self._parameter_names[p] for p in self._params]
+        self._check_hyperparameters()
+        for i, p in enumerate(self._params):
+            if p.dtype != torch.float32:
+                raise ValueError(f"parameters that require a gradient must be float32 (the fused buffer is "
+                                 f"float32); {self._names[i]} is {p.dtype}")
         self._sizes = [p.numel() for p in self._params]
-        self._group_bounds = self._bounds([sum(p.numel() for p in g["params"]) for g in self.param_groups])
+        self._bounds = self._offsets(self._sizes)
+        self._group_bounds = self._offsets([sum(p.numel() for p in ps) for ps in self._group_params])
         self.numel = sum(self._sizes)
         self.device = self._params[0].device if self._params else torch.device("cpu")
+        for g in self.param_groups:
+            g.setdefault("prev_lr", 0.0)  # η_{t-1} of SPEC §1: the last non-zero lr this group stepped with
+        return topology_cls
 
-        self.comm = Comm(comm, timeout_s)
-        self._topology_name = topology
-        self._check_ranks_agree()
-        self.topology = topology_cls(self.comm, self.compressor, self._sizes, self.device)
+    def _build(self, topology_cls) -> None:
+        """Topology, flat buffers and backward hooks, once every rank agreed."""
+        options = {"op": self._op, "predivide": self._predivide} if self._rule == "sgd" else {}
+        self.topology = topology_cls(self.comm, self.compressor, self._sizes, self.device, **options)
         self.block_sizes = self.topology.block_sizes
         self._worker_compressor = self.compressor.for_stream(self.comm.rank)
-        rule = topology_cls.update_rule
-        self._update: Callable[[torch.Tensor], None] = {
-            "ef": self._ef_step, "sgd": self._sgd_step, "signum": self._signum_step}[rule]
-
         zeros = lambda: torch.zeros(self.numel, dtype=torch.float32, device=self.device)  # noqa: E731
-        # Flat buffers allocated once: fresh 100 MB tensors every step cost more in page faults than
-        # the arithmetic. _grad holds g, then d; _scratch holds signum's (1−μ)·g.
+        # Flat buffers allocated once (fresh 100 MB tensors every step cost more in page faults than
+        # the arithmetic), whatever the hyper-parameters are now: they may change at run time.
         self._grad = zeros()
-        self._scratch = zeros() if rule == "signum" else None
-        self._momentum = zeros() if rule in ("ef", "signum") and self._any("momentum") else None
-        self._wd_buffer = zeros() if rule in ("ef", "signum") and self._any("weight_decay") else None
-        self._worker_memory = ErrorMemory(self.numel, self.device) if rule == "ef" else None
-        self._prev_lrs = [0.0] * len(self.param_groups)
+        own_update = self._rule in ("ef", "signum")
+        self._momentum = zeros() if own_update else None
+        self._wd_buffer = zeros() if own_update else None
+        self._scratch = zeros() if self._rule == "signum" else None
+        self._worker_memory = ErrorMemory(self.numel, self.device) if self._rule == "ef" else None
         self._steps = 0
         self._skipped_steps = 0
+        self._initialized = False
         self._seconds = {"compress": 0.0, "exchange": 0.0}
-        self._passes = [0] * len(self._params)
-        self._hooks = [p.register_post_accumulate_grad_hook(self._make_pass_counter(i))
-                       for i, p in enumerate(self._params) if p.requires_grad]
+        self._backward_passes = 0
+        self._end_of_backward_queued = False
+        self._synchronized = False
+        self._should_synchronize = True
+        self._exchanged: Optional[_Exchanged] = None
+        this = weakref.ref(self)  # hooks must not keep a discarded optimizer (and its buffers) alive
 
-    # --- construction helpers -----------------------------------------------------------------------
-    def _validate_groups(self, rule: str) -> None:
-        for i, g in enumerate(self.param_groups):
-            where = f"param group {i}"
-            if not g["lr"] > 0:
-                raise ValueError(f"lr must be > 0 in {where}, got {g['lr']}")
-            if not 0 <= g["momentum"] < 1:
-                raise ValueError(f"momentum must be in [0, 1) in {where}, got {g['momentum']}")
-            if g["weight_decay"] < 0:
-                raise ValueError(f"weight_decay must be >= 0 in {where}, got {g['weight_decay']}")
-            if rule != "sgd" and (g["dampening"] != 0 or g.get("maximize", False)):
-                raise ValueError(f"dampening and maximize are not part of SPEC §1; {where} sets them")
-            for p in g["params"]:
-                if p.dtype != torch.float32:
-                    raise ValueError(f"parameters must be float32 (the fused buffer is float32), "
-                                     f"{where} has one of dtype {p.dtype}")
+        def on_grad(_param):
+            opt = this()
+            if opt is not None:
+                opt._on_grad()
+        handles = [p.register_post_accumulate_grad_hook(on_grad) for p in self._params]
+        weakref.finalize(self, lambda: [h.remove() for h in handles])
 
-    def _param_names(self, named_parameters) -> List[str]:
+    def _names_of(self, named_parameters) -> Dict[torch.Tensor, str]:
+        """Horovod's ``_parameter_names``: every parameter of the groups by name (its checks and defaults)."""
+        everything = [p for g in self.param_groups for p in g["params"]]
         if named_parameters is None:
-            return [f"param.{i}" for i in range(len(self._params))]
-        names_by_id: Dict[int, str] = {}
-        for name, p in named_parameters:
-            if name in names_by_id.values():
-                raise ValueError(f"named_parameters has the name {name!r} twice")
-            names_by_id[id(p)] = name
-        missing = [i for i, p in enumerate(self._params) if id(p) not in names_by_id]
+            return {p: f"allreduce.noname.{i}.{j}" for i, g in enumerate(self.param_groups)
+                    for j, p in enumerate(g["params"])}
+        named_parameters = list(named_parameters)
+        if any(not isinstance(item, tuple) for item in named_parameters):
+            raise ValueError("named_parameters should be a sequence of tuples (name, parameter), usually "
+                             "produced by model.named_parameters().")
+        seen, dups = set(), set()
+        for name, _ in named_parameters:
+            (dups if name in seen else seen).add(name)
+        if dups:
+            raise ValueError(f"Parameter names in named_parameters must be unique. Found duplicates: "
+                             f"{', '.join(sorted(dups))}")
+        names = {id(p): name for name, p in named_parameters}
+        missing = [i for i, p in enumerate(everything) if id(p) not in names]
         if missing:
-            raise ValueError(f"named_parameters does not name {len(missing)} of the optimizer's parameters "
-                             f"(e.g. index {missing[0]}); pass model.named_parameters() of the same model")
-        return [names_by_id[id(p)] for p in self._params]
+            raise ValueError(f"named_parameters was specified, but {len(missing)} of the optimizer's parameters "
+                             f"were not named (e.g. index {missing[0]}); pass model.named_parameters() of the same model")
+        return {p: names[id(p)] for p in everything}
 
     @staticmethod
-    def _bounds(sizes: List[int]) -> List[Tuple[int, int]]:
+    def _offsets(sizes: List[int]) -> List[Tuple[int, int]]:
         bounds, start = [], 0
         for n in sizes:
             bounds.append((start, start + n))
             start += n
         return bounds
 
-    def _any(self, key: str) -> bool:
-        return any(g[key] != 0 for g in self.param_groups)
+    @staticmethod
+    def _check_passes(passes) -> None:
+        if isinstance(passes, bool) or int(passes) != passes or passes < 1:
+            raise ValueError(f"backward_passes_per_step must be a positive integer, got {passes!r}")
 
-    def _make_pass_counter(self, index: int):
-        def hook(_param):
-            self._passes[index] += 1
-        return hook
+    def _check_hyperparameters(self) -> None:
+        for i, g in enumerate(self.param_groups):
+            where = f"param group {i}"
+            if not g["lr"] >= 0:
+                raise ValueError(f"lr must be >= 0 in {where}, got {g['lr']}")
+            if not 0 <= g["momentum"] < 1:
+                raise ValueError(f"momentum must be in [0, 1) in {where}, got {g['momentum']}")
+            if not g["weight_decay"] >= 0:
+                raise ValueError(f"weight_decay must be >= 0 in {where}, got {g['weight_decay']}")
+            if self._rule != "sgd" and (g["dampening"] != 0 or g.get("maximize", False)):
+                raise ValueError(f"dampening and maximize are not part of SPEC §1; {where} sets them")
 
     def add_param_group(self, param_group: dict) -> None:
         if not getattr(self, "_building", True):
@@ -153,98 +225,187 @@ class DistributedOptimizer(torch.optim.SGD):
         super().add_param_group(param_group)
 
     def config(self) -> dict:
-        """What every rank must agree on, and what a checkpoint must match."""
+        """The structure every rank must share and a checkpoint must match."""
         shapes = [(n, tuple(p.shape)) for n, p in zip(self._names, self._params)]
         return {
             "world_size": self.comm.size,
             "compression": self.compressor.name, "compression_options": self.compressor.config(),
-            "topology": self._topology_name,
-            "backward_passes_per_step": self.backward_passes_per_step,
+            "topology": self._topology_name, "backward_passes_per_step": self.backward_passes_per_step,
             "parameters": hashlib.sha1(json.dumps(shapes).encode()).hexdigest(),
             "numel": self.numel, "num_params": len(self._params),
+            "group_sizes": [len(ps) for ps in self._group_params],
         }
 
-    def _check_ranks_agree(self) -> None:
-        mine = self.config()
-        everyone = self.comm.allgather_obj(mine)
-        diffs = {k for conf in everyone for k in set(conf) | set(mine) if conf.get(k) != mine.get(k)}
-        if diffs:
-            detail = "; ".join(f"{k}: " + ", ".join(f"rank {r}={conf.get(k)!r}" for r, conf in enumerate(everyone))
-                               for k in sorted(diffs))
-            raise ValueError(f"ranks disagree on the model or options ({detail})")
+    def _hyperparameters(self) -> dict:
+        """What every rank must agree on at construction besides ``config`` (a checkpoint may differ)."""
+        return {"nonfinite": self.nonfinite, "op": self._op, "gradient_predivide_factor": self._predivide,
+                "param_groups": [{k: g.get(k) for k in HYPERPARAMETERS} for g in self.param_groups]}
 
-    # --- the step -----------------------------------------------------------------------------------
+    # --- Horovod's surface --------------------------------------------------------------------------
+    def _on_grad(self) -> None:
+        """A gradient was accumulated: count the backward pass once, when it ends."""
+        if not self._end_of_backward_queued:
+            self._end_of_backward_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        self._end_of_backward_queued = False
+        self._backward_passes += 1
+
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        """Horovod's: allow ``passes`` backward passes per step from now on (the count restarts)."""
+        self._check_passes(passes)
+        self.backward_passes_per_step = int(passes)
+        self._backward_passes = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._backward_passes = 0
+        super().zero_grad(set_to_none)
+
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        """Horovod's: ``step()`` inside this block applies what ``synchronize()`` left in p.grad."""
+        self._should_synchronize = False
+        try:
+            yield
+        finally:
+            self._should_synchronize = True
+
+    @torch.no_grad()
+    def synchronize(self) -> None:
+        """Horovod's first half of ``step()``, on every rank: after it, ``p.grad`` holds what ``step()``
+        will apply, identical on every rank. Under ``allreduce`` that is the averaged gradient (Horovod's
+        meaning); under error feedback it is Δ̃ of SPEC §1, the decompressed server update (momentum
+        and both error memories have advanced: call ``step()`` next); under ``majority_vote``, the vote.
+        Clip or inspect it, then ``with opt.skip_synchronize(): opt.step()``."""
+        self._synchronize(expose=True)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._should_synchronize:
+            if self._synchronized:
+                warnings.warn(SYNCHRONIZE_WARNING)
+            else:
+                self._synchronize(expose=False)
+        elif not self._synchronized:
+            raise ValueError("step() inside skip_synchronize() applies what synchronize() computed; call "
+                             "opt.synchronize() first")
         try:
-            grad, failure = self._fused_grad(), None
-        except (ValueError, RuntimeError) as exc:  # told to every rank below, instead of a hang
-            grad, failure = None, exc
-        if self._bad_step_on_some_rank(grad, failure):
-            self._skipped_steps += 1
-            return loss
-        self._update(grad)
-        self._prev_lrs = [g["lr"] for g in self.param_groups]
-        self._steps += 1
+            self._finish()
+        finally:
+            self._synchronized, self._exchanged = False, None
         return loss
 
-    def _fused_grad(self) -> torch.Tensor:
-        """All gradients in one flat float32 buffer (None as zeros), averaged over backward passes."""
-        passes = max(self._passes, default=0)
-        self._passes = [0] * len(self._params)
-        if passes > self.backward_passes_per_step:
-            raise ValueError(f"gradients were accumulated over {passes} backward passes before step(), "
-                             f"more than backward_passes_per_step={self.backward_passes_per_step}; raise it "
-                             f"or call step() more often")
-        parts = []
-        for p in self._params:
-            if p.grad is None:
-                parts.append(torch.zeros(p.numel(), device=self.device))
-            elif p.grad.is_sparse:
-                raise ValueError("sparse gradients are not supported; use dense embeddings")
-            else:
-                parts.append(p.grad.reshape(-1))
-        grad = torch.cat(parts, out=self._grad) if parts else self._grad
-        if self.backward_passes_per_step > 1:
-            grad.div_(self.backward_passes_per_step)
-        return grad
+    # --- the step: worker side and exchange -----------------------------------------------------------
+    def _synchronize(self, expose: bool) -> None:
+        if self._synchronized:
+            return
+        self._synchronized = True
+        if self._is_state_initialization():
+            self._exchanged = _Exchanged(None, [], False, skipped=True)
+            return
+        failure, has_grad, nonfinite = None, [p.grad is not None for p in self._params], []
+        try:
+            nonfinite = self._fuse_gradients()
+        except (ValueError, RuntimeError) as exc:  # told to every rank below, instead of a hang
+            failure = exc
+        found_inf = getattr(self, "found_inf", None)
+        decision = agreement.agree_on_step(self.comm, has_grad, failure, nonfinite,
+                                           found_inf is not None and bool(found_inf.item() > 0), self.nonfinite)
+        self._backward_passes = 0
+        if decision.skip:
+            self._skipped_steps += 1
+            self._exchanged = _Exchanged(None, [], False, skipped=True)
+            return
+        if not any(decision.has_grad):  # torch's SGD: a step with no gradients changes nothing
+            self._exchanged = _Exchanged(None, [], False, skipped=True)
+            return
+        update, untouched = {"ef": self._exchange_ef, "signum": self._exchange_signum,
+                             "sgd": self._exchange_sgd}[self._rule](decision.has_grad)
+        if expose and update is not None:
+            for i, (p, (a, b)) in enumerate(zip(self._params, self._bounds)):
+                if decision.has_grad[i]:
+                    p.grad = update[a:b].view_as(p).clone()
+        self._exchanged = _Exchanged(update, untouched, expose and update is not None, skipped=False)
 
-    def _bad_step_on_some_rank(self, grad: Optional[torch.Tensor], failure: Optional[Exception]) -> bool:
-        """Decided collectively, before any buffer changes, in one small allreduce per step: a rank
-        whose local preparation failed makes every rank raise; a non-finite gradient on some rank
-        makes every rank raise (or, under nonfinite="skip", skip the step: returns True)."""
-        bad = []
-        # One reduction: the sum is non-finite iff some element is (or, harmlessly, it overflows).
-        if grad is not None and grad.numel() and not bool(torch.isfinite(grad.sum())):
-            bad = [n for n, part in zip(self._names, grad.split(self._sizes))
-                   if not bool(torch.isfinite(part).all())]
-        if not self.comm.any(bool(bad) or failure is not None):
+    def _is_state_initialization(self) -> bool:
+        """horovod.torch's ``broadcast_optimizer_state`` calls step() once on a fresh optimizer with
+        every gradient set to zeros and no backward pass, to create torch's per-parameter state. That
+        call changes nothing here and talks to no rank; the state exists from then on."""
+        if (self._initialized or self._steps or self._skipped_steps or self._backward_passes or not self._params
+                or any(p.grad is None or p.grad.is_sparse or bool(p.grad.any()) for p in self._params)):
             return False
-        reports = self.comm.allgather_obj((bad, None if failure is None else f"{type(failure).__name__}: {failure}"))
-        failures = [f"rank {r}: {msg}" for r, (_, msg) in enumerate(reports) if msg]
-        if failures:
-            if failure is not None:
-                raise failure
-            raise HvdDistefError("step() failed on another rank before the exchange (" + "; ".join(failures) + ")")
-        report = "; ".join(f"rank {r}: {', '.join(names)}" for r, (names, _) in enumerate(reports) if names)
-        if self.nonfinite == "raise":
-            raise NonFiniteGradientError(f"non-finite gradient ({report}); nothing was updated. "
-                                         f"Lower the lr, check the data, or pass nonfinite='skip'")
+        self._initialize_state()
         return True
 
-    def _ef_step(self, grad: torch.Tensor) -> None:
-        """SPEC §1: worker momentum and error feedback, the topology's exchange, the update."""
-        segments = lr_ratio_segments(self._group_bounds, self._prev_lrs, [g["lr"] for g in self.param_groups])
-        d = self._nesterov_direction(grad)
+    def _initialize_state(self) -> None:
+        """Per-parameter state exists from now on, on every rank alike (what Horovod broadcasts): under
+        ``allreduce`` torch's momentum buffers, zeros (m = μ·0 + g = g, as torch's first step), or None
+        where momentum is 0."""
+        self._initialized = True
+        if self._rule == "sgd":
+            for group, params in zip(self.param_groups, self._group_params):
+                for p in params:
+                    if self.state[p].get("momentum_buffer") is None:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p) if group["momentum"] != 0 else None
+
+    def _fuse_gradients(self) -> List[str]:
+        """All gradients in ``self._grad`` (None as zeros, sparse densified), unscaled for AMP; returns
+        the names of this rank's parameters with non-finite gradients."""
+        if self._backward_passes > self.backward_passes_per_step:
+            raise ValueError(f"gradients were accumulated over {self._backward_passes} backward passes before "
+                             f"step(), more than backward_passes_per_step={self.backward_passes_per_step}; raise "
+                             f"it, call step() more often, or zero_grad() between")
+        self._check_hyperparameters()
+        unfrozen = [self._parameter_names[p] for p in self._frozen if p.grad is not None]
+        if unfrozen:
+            raise ValueError(f"{', '.join(unfrozen)} had requires_grad=False when the optimizer was built and "
+                             f"has a gradient now; build the DistributedOptimizer after unfreezing")
+        parts = []
+        for p in self._params:
+            g = p.grad
+            if g is None:
+                parts.append(self._grad.new_zeros(p.numel()))
+            else:
+                parts.append((g.to_dense() if g.is_sparse else g).reshape(-1))
+        grad = torch.cat(parts, out=self._grad) if parts else self._grad
+        scale = getattr(self, "grad_scale", None)
+        if scale is not None:  # torch's unscale: multiply by the float32 reciprocal computed in double
+            grad.mul_(scale.double().reciprocal().float())
+        if grad.numel() and not bool(torch.isfinite(grad.sum())):
+            return [n for n, (a, b) in zip(self._names, self._bounds) if not bool(torch.isfinite(grad[a:b]).all())]
+        return []
+
+    def _ranges(self, has_grad: List[bool]) -> Tuple[List[Tuple[int, int]], List[torch.Tensor]]:
+        """The fused-buffer slices and the parameters that no rank has a gradient for."""
+        idle = [i for i, h in enumerate(has_grad) if not h]
+        return [self._bounds[i] for i in idle], [self._params[i] for i in idle]
+
+    def _untouched(self, has_grad: List[bool]) -> List[Untouched]:
+        """Idle parameters keep everything; groups at lr = 0 keep their errors (SPEC §5a)."""
+        idle, params = self._ranges(has_grad)
+        memories = [(self._worker_memory, 0), (self.topology.server_memory, self.topology.server_start)]
+        still = [bounds for bounds, g in zip(self._group_bounds, self.param_groups) if g["lr"] == 0]
+        return [Untouched(idle, [self._momentum, self._wd_buffer], memories, params), Untouched(still, (), memories)]
+
+    def _exchange_ef(self, has_grad: List[bool]):
+        """SPEC §1: worker momentum and error feedback, the topology's exchange (server step inside)."""
+        untouched = self._untouched(has_grad)
+        idle, _ = self._ranges(has_grad)
+        segments = lr_ratio_segments(self._group_bounds, [g["prev_lr"] for g in self.param_groups],
+                                     [g["lr"] for g in self.param_groups], idle)
+        d = self._nesterov_direction(self._grad)
+        for a, b in idle:
+            d[a:b].zero_()
         with self._timed("compress"):
             payloads = self._worker_memory.step(self._worker_compressor, d, segments, self.topology.shards)
         with self._timed("exchange"):
             delta = self.topology.exchange(payloads, segments)
-        self._apply(delta)
+        return delta, untouched
 
     def _nesterov_direction(self, grad: torch.Tensor) -> torch.Tensor:
         """m = μ·m + g;  d = g + μ·m (nesterov) or m;  in place in ``grad``, per param group."""
@@ -253,28 +414,10 @@ class DistributedOptimizer(torch.optim.SGD):
                 _kernels.momentum_(grad[start:stop], self._momentum[start:stop], group["momentum"], group["nesterov"])
         return grad
 
-    def _apply(self, delta: torch.Tensor, momentum_of_decay: bool = True) -> None:
-        """Weight decay with its own momentum w (uncompressed), then x = x − η·u (SPEC §1):
-        w = μ·w + λ·x;  u = Δ̃ + μ·w + λ·x (nesterov) or Δ̃ + w;  x = x − η·u. Without
-        ``momentum_of_decay`` (signum), u = Δ̃ + λ·x."""
-        for (start, stop), group in zip(self._group_bounds, self.param_groups):
-            if not group["params"]:
-                continue
-            wd = group["weight_decay"]
-            mu, nesterov = (group["momentum"], group["nesterov"]) if momentum_of_decay else (0.0, False)
-            _kernels.descend_(group["params"], delta[start:stop], self._wd_buffer[start:stop] if wd != 0 else None,
-                              group["lr"], mu, wd, nesterov)
-
-    @staticmethod
-    def _views(flat: torch.Tensor, start: int, params: List[torch.Tensor]) -> List[torch.Tensor]:
-        views = []
-        for p in params:
-            views.append(flat[start:start + p.numel()].view_as(p))
-            start += p.numel()
-        return views
-
-    def _signum_step(self, grad: torch.Tensor) -> None:
-        """Signum with majority vote: m = μ·m + (1−μ)·g; vote = sign(Σ sign(m_i)); x = x − η·(vote + λ·x)."""
+    def _exchange_signum(self, has_grad: List[bool]):
+        """Signum with majority vote: m = μ·m + (1−μ)·g; vote = sign(Σ sign(m_i))."""
+        untouched = self._untouched(has_grad)[:1]
+        grad = self._grad
         for (start, stop), group in zip(self._group_bounds, self.param_groups):
             mu = group["momentum"]
             if mu != 0:
@@ -284,18 +427,70 @@ class DistributedOptimizer(torch.optim.SGD):
             signs = _kernels.pack_signs(grad)
         with self._timed("exchange"):
             vote = self.topology.exchange(signs)
-        self._apply(vote, momentum_of_decay=False)
+        return vote, untouched
 
-    def _sgd_step(self, grad: torch.Tensor) -> None:
-        """Stock SGDM: the topology averages the gradient, then torch's own SGD update runs."""
+    def _exchange_sgd(self, has_grad: List[bool]):
+        """Stock SGDM: the topology averages the gradient into p.grad (None stays None where no rank has one)."""
         with self._timed("exchange"):
-            averaged = self.topology.exchange(grad)
-        for p, g in zip(self._params, self._views(averaged, 0, self._params)):
-            if p.grad is None:
-                p.grad = g.clone()
+            averaged = self.topology.exchange(self._grad)
+        for i, (p, (a, b)) in enumerate(zip(self._params, self._bounds)):
+            if not has_grad[i]:
+                continue
+            view = averaged[a:b].view_as(p)
+            if p.grad is None or p.grad.is_sparse:
+                p.grad = view.clone()
             else:
-                p.grad.copy_(g)
-        super().step()
+                p.grad.copy_(view)
+        return None, []
+
+    # --- the step: update ---------------------------------------------------------------------------
+    def _finish(self) -> None:
+        done = self._exchanged
+        if done is None or done.skipped:
+            return
+        if self._rule == "sgd":
+            self._sgd_update()
+        else:
+            update = done.update
+            if done.exposed:  # what the user left in p.grad after synchronize() (clipped, say)
+                for p, (a, b) in zip(self._params, self._bounds):
+                    if p.grad is not None:
+                        update[a:b].copy_(p.grad.reshape(-1))
+            self._apply(update, momentum_of_decay=self._rule == "ef")
+        for u in done.untouched:
+            u.restore()
+        for g in self.param_groups:
+            if g["lr"] != 0:
+                g["prev_lr"] = g["lr"]
+        self._steps += 1
+        if not self._initialized:
+            self._initialize_state()
+
+    def _apply(self, delta: torch.Tensor, momentum_of_decay: bool = True) -> None:
+        """Weight decay with its own momentum w (uncompressed), then x = x − η·u (SPEC §1):
+        w = μ·w + λ·x;  u = Δ̃ + μ·w + λ·x (nesterov) or Δ̃ + w;  x = x − η·u. Without
+        ``momentum_of_decay`` (signum), u = Δ̃ + λ·x."""
+        for (start, stop), group, params in zip(self._group_bounds, self.param_groups, self._group_params):
+            if not params:
+                continue
+            wd = group["weight_decay"]
+            mu, nesterov = (group["momentum"], group["nesterov"]) if momentum_of_decay else (0.0, False)
+            _kernels.descend_(params, delta[start:stop], self._wd_buffer[start:stop] if wd != 0 else None,
+                              group["lr"], mu, wd, nesterov)
+
+    def _sgd_update(self) -> None:
+        """torch's own SGD update on the averaged p.grad (what ``torch.optim.SGD.step`` runs, without
+        running the step hooks a second time)."""
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            has_sparse = self._init_group(group, params, grads, buffers)
+            functional_sgd(params, grads, buffers, weight_decay=group["weight_decay"],
+                                momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                                nesterov=group["nesterov"], maximize=group["maximize"], has_sparse_grad=has_sparse,
+                                foreach=group["foreach"], fused=group["fused"])
+            if group["momentum"] != 0:
+                for p, buf in zip(params, buffers):
+                    self.state[p]["momentum_buffer"] = buf
 
     # --- reporting and state --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -315,14 +510,20 @@ class DistributedOptimizer(torch.optim.SGD):
                 "compress_time_s": self._seconds["compress"], "exchange_time_s": self._seconds["exchange"]}
 
     def state_dict(self) -> dict:
-        """torch's SGD state plus ours: momentum m_i, worker error e_i, server error ẽ where this
-        rank holds it, weight-decay buffer w, previous learning rates, compressor streams."""
+        """torch's SGD state dict plus ours. ``state`` holds, per parameter, views of the live momentum
+        m_i and weight-decay buffer w (what ``hvd.broadcast_optimizer_state`` broadcasts in place); the
+        ``distef`` entry holds the flat buffers, the worker error e_i, the server error ẽ where this
+        rank holds it and the compressors' streams; each group's η_{t-1} is its ``prev_lr``."""
         state = super().state_dict()
-        clone = lambda t: None if t is None else t.clone()  # noqa: E731
+        if self._rule != "sgd" and (self._initialized or self._steps):
+            index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+            for p, (a, b) in zip(self._params, self._bounds):
+                state["state"][index[id(p)]] = {"momentum_buffer": self._momentum[a:b].view_as(p),
+                                                "weight_decay_buffer": self._wd_buffer[a:b].view_as(p)}
         state["distef"] = {
             "config": dict(self.config(), rank=self.comm.rank),
-            "steps": self._steps, "skipped_steps": self._skipped_steps, "prev_lrs": list(self._prev_lrs),
-            "momentum": clone(self._momentum), "weight_decay_buffer": clone(self._wd_buffer),
+            "steps": self._steps, "skipped_steps": self._skipped_steps,
+            "momentum": self._momentum, "weight_decay_buffer": self._wd_buffer,
             "worker_error": None if self._worker_memory is None else self._worker_memory.state_dict(),
             "topology": self.topology.state_dict(),
             "worker_compressor": self._worker_compressor.state_dict(),
@@ -331,6 +532,30 @@ class DistributedOptimizer(torch.optim.SGD):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Validates everything first, then loads; the param group dicts stay the ones the wrapped
+        SGD shares (a scheduler built on it keeps driving this optimizer)."""
+        ours = self._validated(state_dict)
+        groups = self.param_groups
+        super().load_state_dict({"state": state_dict["state"] if self._rule == "sgd" else {},
+                                 "param_groups": state_dict["param_groups"]})
+        for mine, loaded in zip(groups, self.param_groups):
+            mine.update(loaded)
+            mine.setdefault("prev_lr", 0.0)
+        self.param_groups = groups
+        for buf, saved in ((self._momentum, ours.get("momentum")), (self._wd_buffer, ours.get("weight_decay_buffer"))):
+            if buf is not None:
+                buf.zero_() if saved is None else buf.copy_(saved)
+        if self._worker_memory is not None:
+            self._worker_memory.load_state_dict(ours["worker_error"])
+        self.topology.load_state_dict(ours["topology"])
+        self._worker_compressor.load_state_dict(ours["worker_compressor"])
+        self.topology.compressor.load_state_dict(ours["server_compressor"])
+        self._steps, self._skipped_steps = ours["steps"], ours["skipped_steps"]
+        self._backward_passes, self._synchronized, self._exchanged = 0, False, None
+        self._initialize_state()
+
+    def _validated(self, state_dict: dict) -> dict:
+        """Our part of ``state_dict``, after checking that all of it fits this optimizer (nothing is changed)."""
         if "distef" not in state_dict:
             raise ValueError("this is not a hvd_distef.DistributedOptimizer state dict (no 'distef' entry)")
         ours = state_dict["distef"]
@@ -338,18 +563,14 @@ class DistributedOptimizer(torch.optim.SGD):
         diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
         if diffs:
             raise ValueError("the checkpoint comes from another configuration (" + "; ".join(diffs) + ")")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "distef"})
+        groups = state_dict.get("param_groups", [])
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("the checkpoint's param groups do not have this optimizer's sizes")
         for name in ("momentum", "weight_decay_buffer"):
-            buf = {"momentum": self._momentum, "weight_decay_buffer": self._wd_buffer}[name]
-            if (buf is None) != (ours[name] is None):
-                raise ValueError(f"the checkpoint's {name} does not fit this optimizer's hyper-parameters")
-            if buf is not None:
-                buf.copy_(ours[name])
+            saved_buf = ours.get(name)
+            if saved_buf is not None and saved_buf.shape != (self.numel,):
+                raise ValueError(f"the checkpoint's {name} has {saved_buf.numel()} elements, this run {self.numel}")
         if self._worker_memory is not None:
-            self._worker_memory.load_state_dict(ours["worker_error"])
-        self.topology.load_state_dict(ours["topology"])
-        self._worker_compressor.load_state_dict(ours["worker_compressor"])
-        self.topology.compressor.load_state_dict(ours["server_compressor"])
-        self._steps, self._skipped_steps = ours["steps"], ours["skipped_steps"]
-        self._prev_lrs = list(ours["prev_lrs"])
-
+            self._worker_memory.check_state(ours["worker_error"])
+        self.topology.check_state(ours["topology"])
+        return ours

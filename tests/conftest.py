@@ -32,10 +32,10 @@ def run_mpi(np_, argv, timeout=MPI_TIMEOUT, check=True, env=None):
     return proc
 
 
-def run_cases(np_, script, tmp_path_factory, *args):
+def run_cases(np_, script, tmp_path_factory, *args, env=None):
     """Run an MPI script that checks many cases in one launch; return {case: {"ok", "detail"}}."""
     out = tmp_path_factory.mktemp(f"{Path(script).stem}-np{np_}") / "results.json"
-    run_mpi(np_, [MPI_DIR / script, "--out", out, *args])
+    run_mpi(np_, [MPI_DIR / script, "--out", out, *args], env=env)
     return json.loads(out.read_text())
 
 

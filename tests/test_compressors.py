@@ -220,3 +220,42 @@ def test_users_can_register_their_own():
         assert e.tolist() == [0.5] * 4
     finally:
         REGISTRY.pop("test_halve")
+
+
+EXTREME = {
+    "near_float32_max": torch.tensor([3e38, -3e38, 3.4e38, -3.4e38, 1.0, -2.0, 3.3e38, 0.0] * 4),
+    "denormals": torch.tensor([1e-45, -1e-45, 3e-42, -2e-40, 0.0, -0.0, 1e-44, 5e-39] * 4),
+    "mixed": torch.tensor([3.4e38, 1e-45, -3.4e38, -1e-45, 65504.0, 1e5, -1e5, 0.0] * 4),
+}
+
+
+@pytest.mark.parametrize("path", ["compiled", "torch"])
+@pytest.mark.parametrize("case", sorted(EXTREME))
+@pytest.mark.parametrize("name", ALL)
+def test_every_compressor_stays_finite_on_finite_input(name, case, path, monkeypatch):
+    """Issue 11: finite in, finite out — the payload, its decompression, and the error e = p − C(p)
+    of an error-feedback step, on both kernel paths."""
+    if path == "torch":
+        monkeypatch.setattr(hvd_distef._kernels, "compiled", None)
+    elif hvd_distef._kernels.compiled is None:
+        pytest.skip("cpp_ops is not built")
+    x = EXTREME[case].clone()
+    c = get_compressor(name).for_stream(0)
+    blocks = c.blocks([16, 16])
+    out = c.decompress(c.compress(x, blocks))
+    assert bool(torch.isfinite(out).all()), out
+    error = torch.zeros_like(x)
+    payload = c.compress_with_feedback(x, error, blocks, [(0, 32, 1.0)])
+    if c.defers_settle:
+        c.settle(error, payload)
+    assert bool(torch.isfinite(c.decompress(payload)).all())
+    assert bool(torch.isfinite(error).all()), error
+
+
+def test_fp16_saturates_and_keeps_the_excess_as_error():
+    c = get_compressor("fp16")
+    x = torch.tensor([1e5, -1e5, 40000.0, 1.0])
+    error = torch.zeros(4)
+    payload = c.compress_with_feedback(x, error, [4], [(0, 4, 1.0)])
+    assert torch.equal(c.decompress(payload), torch.tensor([65504.0, -65504.0, 40000.0, 1.0]))
+    assert torch.equal(error, torch.tensor([1e5 - 65504.0, 65504.0 - 1e5, 0.0, 0.0]))

@@ -75,7 +75,7 @@ def test_checkpoint_write_is_atomic(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"lr": -0.1}, "lr must be > 0"),
+    ({"lr": -0.1}, "lr must be >= 0"),
     ({"momentum": 1.5}, "momentum must be in"),
     ({"compression": "nope"}, "unknown compression 'nope'"),
     ({"topology": "nope"}, "unknown topology 'nope'"),

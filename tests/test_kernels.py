@@ -133,6 +133,20 @@ def test_server_step_settles_its_previous_payload():
     torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-5 * float(second_ref[0].max()))
 
 
+@pytest.mark.parametrize("ratios", [(0.3, 10 / 3), (0.1 / 0.07, 0.7)])
+def test_compensation_rounds_the_product_first_on_both_paths(ratios):
+    """p = d + r·e with r·e rounded before the sum (no fused multiply-add) on both paths, bit for bit,
+    for ratios that are not powers of two (p is what the deferred step leaves in the error buffer)."""
+    n = 100_003
+    d, e0 = rand(n, 5), rand(n, 6).mul_(3)
+    segments = [(0, n // 2, ratios[0]), (n // 2, n, ratios[1])]
+    expect = torch.cat([d[a:b] + torch.mul(e0[a:b], r) for a, b, r in segments])
+    for path in (cpp, ref):
+        e = e0.clone()
+        path.blocksign_feedback(d, e, [n // 2, n - n // 2], segments, None, None)
+        assert torch.equal(e, expect), path.__name__
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("path", ["cpp", "torch"])
 def test_non_finite_input_is_rejected(bad, path):

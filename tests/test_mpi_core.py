@@ -7,7 +7,7 @@ from conftest import assert_case, run_cases
 CASES = ["ps_blocksign_nesterov_matches_reference", "ps_blocksign_heavy_ball_matches_reference",
          "ps_sign_no_momentum_matches_reference", "ps_none_matches_reference", "virtual_iterate_identity",
          "allreduce_matches_torch_sgd", "resume_ps_blocksign", "resume_ps_randomk", "resume_allreduce",
-         "comm_stats_match_formulas", "backward_passes_average"]
+         "comm_stats_match_formulas", "backward_passes_sum"]
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"np{n}")

@@ -8,6 +8,7 @@ the class is then available by name to ``DistributedOptimizer(compression="yourn
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import ClassVar, Dict, List, Optional, Sequence, Type
 
 import torch
@@ -97,12 +98,29 @@ class Compressor:
         pass
 
     def config(self) -> dict:
-        """The options that define what this compressor computes (for fingerprints and logs)."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "stream"}
+        """The options that define what this compressor computes (for fingerprints and logs): its
+        public attributes, as plain values that every rank can compare (see ``describe``)."""
+        return {k: describe(v) for k, v in vars(self).items() if not k.startswith("_") and k != "stream"}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
+
+
+def describe(value):
+    """A value as something picklable that compares equal across ranks: numbers, strings and their
+    containers as they are; a tensor by shape, dtype and a digest of its bytes; anything else by
+    its type (its repr may hold a memory address)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): describe(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return f"tensor{tuple(value.shape)}:{value.dtype}:{hashlib.sha1(data).hexdigest()[:16]}"
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
 def blocks_or_whole(x: torch.Tensor, block_sizes: Optional[Sequence[int]]) -> tuple:

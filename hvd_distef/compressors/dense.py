@@ -27,7 +27,14 @@ class NoCompression(Compressor):
 
 
 class FP16(NoCompression):
-    """Round to float16 (2 bytes per element); values beyond float16's range become inf."""
+    """Round to float16 (2 bytes per element), saturating at ±65504: a finite input never becomes
+    inf, and under error feedback the error memory carries what the cast cut off."""
 
     name = "fp16"
     dtype = torch.float16
+    max_value = 65504.0
+
+    def compress(self, x: torch.Tensor, block_sizes: Optional[Sequence[int]] = None) -> Payload:
+        check_flat(x)
+        values = x.clamp(-self.max_value, self.max_value).to(self.dtype)
+        return Payload(x.numel(), blocks_or_whole(x, block_sizes), {"values": values})

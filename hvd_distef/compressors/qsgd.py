@@ -42,13 +42,15 @@ class QSGD(Compressor):
         gen = torch.Generator(device=x.device)
         gen.manual_seed(hash((self.seed, self.stream, self._calls)) & 0x7FFF_FFFF_FFFF_FFFF)
         self._calls += 1
-        norm = torch.linalg.vector_norm(x)
-        r = x.abs() / torch.where(norm > 0, norm, torch.ones_like(norm)) * self.levels
+        # ||x||_2 in float64: finite float32 values can have a norm beyond float32's range; the
+        # norm sent saturates at float32's largest value, so every output is finite
+        norm = torch.linalg.vector_norm(x, dtype=torch.float64)
+        r = (x.abs() / torch.where(norm > 0, norm, torch.ones_like(norm)) * self.levels).to(torch.float32)
         lev = r.floor()
         lev += torch.rand(x.shape, generator=gen, device=x.device) < (r - lev)
         q = (lev * torch.where(x >= 0, 1.0, -1.0)).to(torch.int8)
-        return Payload(x.numel(), blocks_or_whole(x, block_sizes),
-                       {"norm": (norm * self.scale(x.numel())).reshape(1), "levels": q})
+        sent = (norm * self.scale(x.numel())).clamp(max=torch.finfo(torch.float32).max).to(torch.float32)
+        return Payload(x.numel(), blocks_or_whole(x, block_sizes), {"norm": sent.reshape(1), "levels": q})
 
     def decompress(self, payload: Payload) -> torch.Tensor:
         return payload["levels"].to(torch.float32) * (payload["norm"] / self.levels)

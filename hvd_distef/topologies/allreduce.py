@@ -1,7 +1,15 @@
-"""``allreduce``: the stock baseline. Horovod averages the float32 gradient (fp16 on the wire with
-``Compression.fp16``), then the optimizer applies torch's own SGD-with-momentum update.
+"""``allreduce``: the stock baseline. The float32 gradient is averaged over the optimizer's ranks
+(fp16 on the wire with ``Compression.fp16``), then the optimizer applies torch's own
+SGD-with-momentum update.
 
-Bytes per step are Horovod's ring-allreduce volume, sent and received by every rank:
+Horovod's allreduce runs it over the world or the given ``process_set``; over a ``comm=`` that is a
+subset of the world it is MPI's Allreduce on that communicator. ``op="sum"`` sums instead of
+averaging; ``predivide`` is Horovod's ``gradient_predivide_factor`` (scale by 1/f before the sum and
+f/M after, as horovod.torch does). In fp16 the sum is formed in fp16, so the gradient is scaled by
+1/M before the cast (1/f when given) and saturated at ±65504/M, so that the fp16 sum of M terms is
+finite for every finite gradient.
+
+Bytes per step are the ring-allreduce volume, sent and received by every rank:
 2·(M−1)/M·(bytes per element)·d.
 """
 from __future__ import annotations
@@ -10,12 +18,14 @@ import torch
 
 from .base import Topology
 
+FP16_MAX = 65504.0
+
 
 class Allreduce(Topology):
     name = "allreduce"
     update_rule = "sgd"
 
-    def __init__(self, comm, compressor, tensor_sizes, device="cpu"):
+    def __init__(self, comm, compressor, tensor_sizes, device="cpu", op: str = "average", predivide: float = 1.0):
         if compressor.name not in ("none", "fp16"):
             raise ValueError(f"topology 'allreduce' sums dense vectors and cannot carry "
                              f"{compressor.name!r} payloads; use compression none or fp16, or a "
@@ -25,14 +35,45 @@ class Allreduce(Topology):
         if not hvd.is_initialized():
             raise ValueError("topology 'allreduce' runs Horovod's allreduce: call hvd.init() first")
         self.hvd = hvd
-        self.wire_dtype = torch.float16 if compressor.name == "fp16" else torch.float32
+        self.fp16 = compressor.name == "fp16"
+        self.by_horovod = comm.is_world or comm.process_set is not None
+        if self.fp16 and not self.by_horovod:
+            raise ValueError("allreduce with fp16 over a comm= subset needs Horovod's fp16 sum: pass the ranks as "
+                             "process_set= (hvd.ProcessSet) instead of comm=")
+        self.average, self.predivide = op == "average", predivide
 
     def exchange(self, grad: torch.Tensor, segments=None) -> torch.Tensor:
-        """The average of every rank's gradient."""
+        """The average (or sum) of every rank's gradient."""
         size = self.comm.size
-        wire = grad.to(self.wire_dtype)
-        with self.comm.watch("Horovod allreduce"):
-            self.hvd.allreduce_(wire, op=self.hvd.Average, name="hvd_distef.allreduce")
+        if size == 1:
+            return grad
+        if self.fp16:
+            # pre-scaled in float32 (1/M, or Horovod's 1/f), saturated, summed in fp16, post-scaled
+            pre = (1.0 / (size if self.predivide == 1.0 else self.predivide)) if self.average else 1.0
+            bound = FP16_MAX * (1 - 2.0 ** -10) / size  # M terms of at most this sum below fp16's inf
+            wire = torch.mul(grad, pre).clamp_(-bound, bound).to(torch.float16)
+            self._reduce(wire, average=False)
+            result = wire.to(torch.float32)
+            if self.average and pre != 1.0 / size:
+                result.mul_(1.0 / (pre * size))
+        else:
+            wire = result = grad.clone()
+            self._reduce(result, self.average)
         volume = 2 * (size - 1) * self.numel * wire.element_size() / size
         self.comm.count(sent=volume, received=volume)
-        return wire.to(torch.float32)
+        return result
+
+    def _reduce(self, wire: torch.Tensor, average: bool) -> None:
+        """Horovod's allreduce as horovod.torch's optimizer calls it (predivide included), or MPI's."""
+        hvd, comm = self.hvd, self.comm
+        with comm.watch("allreduce"):
+            if self.by_horovod:
+                kw = {} if comm.process_set is None else {"process_set": comm.process_set}
+                scales = ({"prescale_factor": 1.0 / self.predivide, "postscale_factor": self.predivide}
+                          if average and self.predivide != 1.0 else {})
+                hvd.allreduce_(wire, op=hvd.Average if average else hvd.Sum, name="hvd_distef.allreduce",
+                               **scales, **kw)
+            else:
+                comm.mpi.Allreduce(comm.MPI.IN_PLACE, wire.numpy(), op=comm.MPI.SUM)
+                if average:
+                    wire.div_(comm.size)

@@ -45,6 +45,7 @@ class Topology:
         self.layouts = [compressor.layout(s.numel, s.block_sizes) for s in self.shards]
         self.nbytes = [layout_nbytes(layout) for layout in self.layouts]
         self.server_memory: Optional[ErrorMemory] = None  # set where this rank holds a server error
+        self.server_start = 0  # where that server error starts in the fused buffer
         # Δ̃ is decompressed into this buffer every step (no page-faulting allocation per step);
         # what ``exchange`` returns is valid until the next exchange.
         self.delta = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
@@ -110,7 +111,8 @@ class Topology:
         """The server error where this rank holds one."""
         return {} if self.server_memory is None else {"server_error": self.server_memory.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def check_state(self, state: dict) -> None:
+        """Raise unless ``state`` (from ``state_dict``) fits this rank (changes nothing)."""
         if self.server_memory is None:
             if state.get("server_error") is not None:
                 raise ValueError(f"rank {self.comm.rank} holds no server error under {self.name!r}, but the "
@@ -119,7 +121,12 @@ class Topology:
         if state.get("server_error") is None:
             raise ValueError(f"the checkpoint has no server error for rank {self.comm.rank} under {self.name!r}: "
                              f"it comes from another topology or rank")
-        self.server_memory.load_state_dict(state["server_error"])
+        self.server_memory.check_state(state["server_error"])
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state(state)
+        if self.server_memory is not None:
+            self.server_memory.load_state_dict(state["server_error"])
 
 
 class ShardPerRank(Topology):
@@ -129,6 +136,7 @@ class ShardPerRank(Topology):
     def __init__(self, comm, compressor, tensor_sizes, device="cpu"):
         super().__init__(comm, compressor, tensor_sizes, device)
         self.server_memory = ErrorMemory(self.shards[comm.rank].numel, self.device)
+        self.server_start = self.shards[comm.rank].start
 
     def make_shards(self, tensor_sizes):
         return self.split_shards(tensor_sizes, self.comm.size)

@@ -170,37 +170,45 @@ def comm_stats_match_formulas():
     return "; ".join(out)
 
 
-def backward_passes_average():
-    """backward_passes_per_step=2 uses the mean of the two accumulated gradients."""
+def backward_passes_sum():
+    """backward_passes_per_step=4 uses p.grad as the passes left it (their sum, as torch and Horovod do),
+    bit for bit a step on the sum of the passes' gradients computed apart; zero_grad() resets the
+    count (7 batches an epoch, two epochs); a short last step (3 passes) uses what it has; a fifth
+    pass raises."""
     a, b = make_model(), make_model()
-    opt_a = wrap(a, sgd_two_groups(a), compression="blocksign", backward_passes_per_step=2)
+    opt_a = wrap(a, sgd_two_groups(a), compression="blocksign", backward_passes_per_step=4)
     opt_b = wrap(b, sgd_two_groups(b), compression="blocksign")
-    for t in range(4):
+    for epoch in range(2):
         opt_a.zero_grad()
-        loss_of(a, RANK, 2 * t).backward()
-        loss_of(a, RANK, 2 * t + 1).backward()
-        opt_a.step()
-        opt_b.zero_grad()
-        ((loss_of(b, RANK, 2 * t) + loss_of(b, RANK, 2 * t + 1)) / 2).backward()
-        opt_b.step()
-    diff = (flat(a.parameters()) - flat(b.parameters())).abs().max().item()
-    assert diff < 1e-6, diff
+        for start in (0, 4):
+            batches = [7 * epoch + start + k for k in range(4 if start == 0 else 3)]
+            for t in batches:
+                loss_of(a, RANK, t).backward()
+            opt_a.step()
+            opt_a.zero_grad()
+            parts = [grads_at(list(b.parameters()), RANK, t) for t in batches]
+            for j, p in enumerate(b.parameters()):
+                p.grad = parts[0][j].clone()
+                for more in parts[1:]:
+                    p.grad += more[j]
+            opt_b.step()
+            assert torch.equal(flat(a.parameters()), flat(b.parameters())), f"epoch {epoch}, from batch {start}"
     opt_a.zero_grad()
-    for k in range(3):
+    for k in range(5):
         loss_of(a, RANK, k).backward()
     try:
         opt_a.step()
     except ValueError as exc:
-        assert "backward_passes_per_step=2" in str(exc)
-        return f"diff {diff:.3g}; too many passes: {exc}"
-    raise AssertionError("three backward passes with backward_passes_per_step=2 did not raise")
+        assert "backward_passes_per_step=4" in str(exc)
+        return f"bitwise equal over 2 epochs; too many passes: {exc}"
+    raise AssertionError("five backward passes with backward_passes_per_step=4 did not raise")
 
 
 CASES = {f.__name__: f for f in [
     ps_blocksign_nesterov_matches_reference, ps_blocksign_heavy_ball_matches_reference,
     ps_sign_no_momentum_matches_reference, ps_none_matches_reference, virtual_iterate_identity,
     allreduce_matches_torch_sgd, resume_ps_blocksign, resume_ps_randomk, resume_allreduce,
-    comm_stats_match_formulas, backward_passes_average]}
+    comm_stats_match_formulas, backward_passes_sum]}
 
 if __name__ == "__main__":
     run(CASES)

@@ -12,7 +12,8 @@ RANK, M = COMM.rank, COMM.size
 
 
 def _snapshot(model, opt):
-    return flat(model.parameters()).clone(), copy.deepcopy(opt.state_dict()["distef"])
+    return flat(model.parameters()).clone(), dict(copy.deepcopy(opt.state_dict()["distef"]),
+                                                  prev_lrs=[g["prev_lr"] for g in opt.param_groups])
 
 
 def _same_state(a, b):

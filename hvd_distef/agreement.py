@@ -1,0 +1,67 @@
+"""Collective agreement checks (SPEC §5, §5a): every rank takes the same decision, or every rank
+raises the same error naming the ranks concerned — never one rank raising while the others wait in
+a collective.
+
+- At construction: each rank's local validation error and its configuration are allgathered; a
+  failure anywhere, or any difference in the model, the options or the per-group
+  hyper-parameters, raises on every rank.
+- At every step: one small allreduce (element-wise max of an int vector) carries a local failure
+  flag, a non-finite flag, AMP's found_inf and one has-a-gradient bit per parameter. The rare
+  paths (a failure, a non-finite gradient) then allgather the details for the error message.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence
+
+from .comm import Comm
+from .errors import HvdDistefError, NonFiniteGradientError
+
+
+def check_construction(comm: Comm, config: Optional[dict], failure: Optional[Exception]) -> None:
+    """Raise on every rank when some rank failed its local validation or the ranks' ``config``
+    differ; the message names each rank and what it had."""
+    mine = (config, None if failure is None else f"{type(failure).__name__}: {failure}")
+    everyone = comm.allgather_obj(mine)
+    failures = [f"rank {r}: {msg}" for r, (_, msg) in enumerate(everyone) if msg]
+    if failures:
+        if failure is not None:
+            raise failure
+        raise ValueError("hvd_distef.DistributedOptimizer could not be built on another rank ("
+                         + "; ".join(failures) + ")")
+    diffs = sorted({k for conf, _ in everyone for k in set(conf) | set(config) if conf.get(k) != config.get(k)})
+    if diffs:
+        detail = "; ".join(f"{k}: " + ", ".join(f"rank {r}={conf.get(k)!r}" for r, (conf, _) in enumerate(everyone))
+                           for k in diffs)
+        raise ValueError(f"ranks disagree on the model or options ({detail})")
+
+
+class StepDecision(NamedTuple):
+    """What every rank does with this step."""
+
+    skip: bool                 #: skip it (a non-finite gradient under nonfinite="skip", or AMP's found_inf)
+    has_grad: List[bool]       #: per parameter: some rank has a gradient for it
+
+
+def agree_on_step(comm: Comm, has_grad: Sequence[bool], failure: Optional[Exception],
+                  nonfinite: Sequence[str], found_inf: bool, policy: str) -> StepDecision:
+    """One collective decision per step, before any buffer changes.
+
+    ``failure``: this rank's local preparation error (raised here on every rank); ``nonfinite``:
+    names of this rank's parameters with NaN/inf gradients (every rank raises
+    ``NonFiniteGradientError``, or skips under ``policy="skip"``); ``found_inf``: AMP's GradScaler
+    found an inf on this rank (every rank skips, silently: the scaler backs off).
+    """
+    flags = comm.max_ints([int(failure is not None), int(bool(nonfinite)), int(found_inf)] + [int(h) for h in has_grad])
+    any_failure, any_nonfinite, any_inf = flags[:3]
+    agreed = [bool(h) for h in flags[3:]]
+    if any_failure or (any_nonfinite and policy == "raise" and not any_inf):
+        reports = comm.allgather_obj((list(nonfinite), None if failure is None else f"{type(failure).__name__}: {failure}"))
+        failures = [f"rank {r}: {msg}" for r, (_, msg) in enumerate(reports) if msg]
+        if failures:
+            if failure is not None:
+                raise failure
+            raise HvdDistefError("step() failed on another rank before the exchange (" + "; ".join(failures) + ")")
+        report = "; ".join(f"rank {r}: {', '.join(bad)}" for r, (bad, _) in enumerate(reports) if bad)
+        raise NonFiniteGradientError(f"non-finite gradient ({report}); nothing was updated. "
+                                     f"Lower the lr, check the data, or pass nonfinite='skip'")
+    return StepDecision(skip=bool(any_nonfinite or any_inf), has_grad=agreed)

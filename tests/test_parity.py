@@ -1,0 +1,24 @@
+"""Drop-in parity with torch.optim.SGD and horovod.torch (SPEC §5a) under mpirun with 2 and 3 ranks
+(see tests/mpi/check_parity.py)."""
+import pytest
+
+from conftest import assert_case, run_cases
+
+CASES = ["frozen_and_gradless_parameters_untouched_every_way", "frozen_parameters_under_allreduce_equal_stock_horovod",
+         "step_with_no_gradients_changes_nothing", "param_groups_are_shared", "hyperparameters_change_at_run_time",
+         "zero_lr_keeps_errors_and_rescales_by_last_nonzero", "broadcast_optimizer_state_takes_no_step",
+         "grad_scaler_skips_on_every_rank", "fp16_on_the_wire_stays_finite", "ranks_that_disagree_raise_on_every_rank",
+         "rejected_checkpoint_changes_nothing", "comm_subset_restricts_allreduce", "gradient_clipping_recipe", "synchronize_then_step_warns_once",
+         "horovod_arguments_accepted_or_refused", "predivide_and_sum_under_allreduce_equal_stock_horovod",
+         "sparse_gradients_are_densified", "step_hooks_run_once_per_step",
+         "many_optimizers_share_one_communicator_and_watchdog", "user_compressor_with_arbitrary_attributes"]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"np{n}")
+def results(request, tmp_path_factory):
+    return run_cases(request.param, "check_parity.py", tmp_path_factory)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_parity(results, case):
+    assert_case(results, case)
