@@ -15,7 +15,7 @@ import json
 import time
 import warnings
 import weakref
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.optim.sgd import sgd as functional_sgd
@@ -24,6 +24,7 @@ from . import _kernels, agreement, horovod_args
 from .comm import Comm
 from .compressors import Compression, get_compressor
 from .error_feedback import ErrorMemory, lr_ratio_segments
+from .fused import FusedLayout
 from .topologies import get_topology
 from .untouched import Untouched
 
@@ -116,23 +117,10 @@ class DistributedOptimizer(torch.optim.SGD):
         self._rule = topology_cls.update_rule
         self.backward_passes_per_step = int(backward_passes_per_step)
         self.nonfinite = nonfinite
-        # the optimizer's work: parameters that require a gradient, per group (SPEC §5a)
-        self._group_params = [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
-        self._params: List[torch.Tensor] = [p for ps in self._group_params for p in ps]
-        managed = {id(p) for p in self._params}
-        self._frozen = [p for g in self.param_groups for p in g["params"] if id(p) not in managed]
-        self._parameter_names = self._names_of(named_parameters)
-        self._names = [self._parameter_names[p] for p in self._params]
+        self._layout = FusedLayout(self.param_groups, named_parameters)
+        self._parameter_names = self._layout.names_by_param  # horovod.torch's attribute
+        self.numel, self.device = self._layout.numel, self._layout.device
         self._check_hyperparameters()
-        for i, p in enumerate(self._params):
-            if p.dtype != torch.float32:
-                raise ValueError(f"parameters that require a gradient must be float32 (the fused buffer is "
-                                 f"float32); {self._names[i]} is {p.dtype}")
-        self._sizes = [p.numel() for p in self._params]
-        self._bounds = self._offsets(self._sizes)
-        self._group_bounds = self._offsets([sum(p.numel() for p in ps) for ps in self._group_params])
-        self.numel = sum(self._sizes)
-        self.device = self._params[0].device if self._params else torch.device("cpu")
         for g in self.param_groups:
             g.setdefault("prev_lr", 0.0)  # η_{t-1} of SPEC §1: the last non-zero lr this group stepped with
         return topology_cls
@@ -140,7 +128,7 @@ class DistributedOptimizer(torch.optim.SGD):
     def _build(self, topology_cls) -> None:
         """Topology, flat buffers and backward hooks, once every rank agreed."""
         options = {"op": self._op, "predivide": self._predivide} if self._rule == "sgd" else {}
-        self.topology = topology_cls(self.comm, self.compressor, self._sizes, self.device, **options)
+        self.topology = topology_cls(self.comm, self.compressor, self._layout.sizes, self.device, **options)
         self.block_sizes = self.topology.block_sizes
         self._worker_compressor = self.compressor.for_stream(self.comm.rank)
         zeros = lambda: torch.zeros(self.numel, dtype=torch.float32, device=self.device)  # noqa: E731
@@ -167,39 +155,8 @@ class DistributedOptimizer(torch.optim.SGD):
             opt = this()
             if opt is not None:
                 opt._on_grad()
-        handles = [p.register_post_accumulate_grad_hook(on_grad) for p in self._params]
+        handles = [p.register_post_accumulate_grad_hook(on_grad) for p in self._layout.params]
         weakref.finalize(self, lambda: [h.remove() for h in handles])
-
-    def _names_of(self, named_parameters) -> Dict[torch.Tensor, str]:
-        """Horovod's ``_parameter_names``: every parameter of the groups by name (its checks and defaults)."""
-        everything = [p for g in self.param_groups for p in g["params"]]
-        if named_parameters is None:
-            return {p: f"allreduce.noname.{i}.{j}" for i, g in enumerate(self.param_groups)
-                    for j, p in enumerate(g["params"])}
-        named_parameters = list(named_parameters)
-        if any(not isinstance(item, tuple) for item in named_parameters):
-            raise ValueError("named_parameters should be a sequence of tuples (name, parameter), usually "
-                             "produced by model.named_parameters().")
-        seen, dups = set(), set()
-        for name, _ in named_parameters:
-            (dups if name in seen else seen).add(name)
-        if dups:
-            raise ValueError(f"Parameter names in named_parameters must be unique. Found duplicates: "
-                             f"{', '.join(sorted(dups))}")
-        names = {id(p): name for name, p in named_parameters}
-        missing = [i for i, p in enumerate(everything) if id(p) not in names]
-        if missing:
-            raise ValueError(f"named_parameters was specified, but {len(missing)} of the optimizer's parameters "
-                             f"were not named (e.g. index {missing[0]}); pass model.named_parameters() of the same model")
-        return {p: names[id(p)] for p in everything}
-
-    @staticmethod
-    def _offsets(sizes: List[int]) -> List[Tuple[int, int]]:
-        bounds, start = [], 0
-        for n in sizes:
-            bounds.append((start, start + n))
-            start += n
-        return bounds
 
     @staticmethod
     def _check_passes(passes) -> None:
@@ -226,14 +183,15 @@ class DistributedOptimizer(torch.optim.SGD):
 
     def config(self) -> dict:
         """The structure every rank must share and a checkpoint must match."""
-        shapes = [(n, tuple(p.shape)) for n, p in zip(self._names, self._params)]
+        layout = self._layout
+        shapes = [(n, tuple(p.shape)) for n, p in zip(layout.names, layout.params)]
         return {
             "world_size": self.comm.size,
             "compression": self.compressor.name, "compression_options": self.compressor.config(),
             "topology": self._topology_name, "backward_passes_per_step": self.backward_passes_per_step,
             "parameters": hashlib.sha1(json.dumps(shapes).encode()).hexdigest(),
-            "numel": self.numel, "num_params": len(self._params),
-            "group_sizes": [len(ps) for ps in self._group_params],
+            "numel": self.numel, "num_params": len(layout.params),
+            "group_sizes": [len(ps) for ps in layout.group_params],
         }
 
     def _hyperparameters(self) -> dict:
@@ -308,7 +266,7 @@ class DistributedOptimizer(torch.optim.SGD):
         if self._is_state_initialization():
             self._exchanged = _Exchanged(None, [], False, skipped=True)
             return
-        failure, has_grad, nonfinite = None, [p.grad is not None for p in self._params], []
+        failure, has_grad, nonfinite = None, self._layout.has_grad(), []
         try:
             nonfinite = self._fuse_gradients()
         except (ValueError, RuntimeError) as exc:  # told to every rank below, instead of a hang
@@ -327,17 +285,16 @@ class DistributedOptimizer(torch.optim.SGD):
         update, untouched = {"ef": self._exchange_ef, "signum": self._exchange_signum,
                              "sgd": self._exchange_sgd}[self._rule](decision.has_grad)
         if expose and update is not None:
-            for i, (p, (a, b)) in enumerate(zip(self._params, self._bounds)):
-                if decision.has_grad[i]:
-                    p.grad = update[a:b].view_as(p).clone()
+            self._layout.write_grads(update, decision.has_grad)
         self._exchanged = _Exchanged(update, untouched, expose and update is not None, skipped=False)
 
     def _is_state_initialization(self) -> bool:
         """horovod.torch's ``broadcast_optimizer_state`` calls step() once on a fresh optimizer with
         every gradient set to zeros and no backward pass, to create torch's per-parameter state. That
         call changes nothing here and talks to no rank; the state exists from then on."""
-        if (self._initialized or self._steps or self._skipped_steps or self._backward_passes or not self._params
-                or any(p.grad is None or p.grad.is_sparse or bool(p.grad.any()) for p in self._params)):
+        params = self._layout.params
+        if (self._initialized or self._steps or self._skipped_steps or self._backward_passes or not params
+                or any(p.grad is None or p.grad.is_sparse or bool(p.grad.any()) for p in params)):
             return False
         self._initialize_state()
         return True
@@ -348,7 +305,7 @@ class DistributedOptimizer(torch.optim.SGD):
         where momentum is 0."""
         self._initialized = True
         if self._rule == "sgd":
-            for group, params in zip(self.param_groups, self._group_params):
+            for group, params in zip(self.param_groups, self._layout.group_params):
                 for p in params:
                     if self.state[p].get("momentum_buffer") is None:
                         self.state[p]["momentum_buffer"] = torch.zeros_like(p) if group["momentum"] != 0 else None
@@ -361,42 +318,24 @@ class DistributedOptimizer(torch.optim.SGD):
                              f"step(), more than backward_passes_per_step={self.backward_passes_per_step}; raise "
                              f"it, call step() more often, or zero_grad() between")
         self._check_hyperparameters()
-        unfrozen = [self._parameter_names[p] for p in self._frozen if p.grad is not None]
-        if unfrozen:
-            raise ValueError(f"{', '.join(unfrozen)} had requires_grad=False when the optimizer was built and "
-                             f"has a gradient now; build the DistributedOptimizer after unfreezing")
-        parts = []
-        for p in self._params:
-            g = p.grad
-            if g is None:
-                parts.append(self._grad.new_zeros(p.numel()))
-            else:
-                parts.append((g.to_dense() if g.is_sparse else g).reshape(-1))
-        grad = torch.cat(parts, out=self._grad) if parts else self._grad
+        grad = self._layout.gather(self._grad)
         scale = getattr(self, "grad_scale", None)
         if scale is not None:  # torch's unscale: multiply by the float32 reciprocal computed in double
             grad.mul_(scale.double().reciprocal().float())
-        if grad.numel() and not bool(torch.isfinite(grad.sum())):
-            return [n for n, (a, b) in zip(self._names, self._bounds) if not bool(torch.isfinite(grad[a:b]).all())]
-        return []
-
-    def _ranges(self, has_grad: List[bool]) -> Tuple[List[Tuple[int, int]], List[torch.Tensor]]:
-        """The fused-buffer slices and the parameters that no rank has a gradient for."""
-        idle = [i for i, h in enumerate(has_grad) if not h]
-        return [self._bounds[i] for i in idle], [self._params[i] for i in idle]
+        return self._layout.nonfinite(grad)
 
     def _untouched(self, has_grad: List[bool]) -> List[Untouched]:
         """Idle parameters keep everything; groups at lr = 0 keep their errors (SPEC §5a)."""
-        idle, params = self._ranges(has_grad)
+        idle, params = self._layout.idle(has_grad)
         memories = [(self._worker_memory, 0), (self.topology.server_memory, self.topology.server_start)]
-        still = [bounds for bounds, g in zip(self._group_bounds, self.param_groups) if g["lr"] == 0]
+        still = [bounds for bounds, g in zip(self._layout.group_bounds, self.param_groups) if g["lr"] == 0]
         return [Untouched(idle, [self._momentum, self._wd_buffer], memories, params), Untouched(still, (), memories)]
 
     def _exchange_ef(self, has_grad: List[bool]):
         """SPEC §1: worker momentum and error feedback, the topology's exchange (server step inside)."""
         untouched = self._untouched(has_grad)
-        idle, _ = self._ranges(has_grad)
-        segments = lr_ratio_segments(self._group_bounds, [g["prev_lr"] for g in self.param_groups],
+        idle, _ = self._layout.idle(has_grad)
+        segments = lr_ratio_segments(self._layout.group_bounds, [g["prev_lr"] for g in self.param_groups],
                                      [g["lr"] for g in self.param_groups], idle)
         d = self._nesterov_direction(self._grad)
         for a, b in idle:
@@ -409,7 +348,7 @@ class DistributedOptimizer(torch.optim.SGD):
 
     def _nesterov_direction(self, grad: torch.Tensor) -> torch.Tensor:
         """m = μ·m + g;  d = g + μ·m (nesterov) or m;  in place in ``grad``, per param group."""
-        for (start, stop), group in zip(self._group_bounds, self.param_groups):
+        for (start, stop), group in zip(self._layout.group_bounds, self.param_groups):
             if group["momentum"] != 0:
                 _kernels.momentum_(grad[start:stop], self._momentum[start:stop], group["momentum"], group["nesterov"])
         return grad
@@ -418,7 +357,7 @@ class DistributedOptimizer(torch.optim.SGD):
         """Signum with majority vote: m = μ·m + (1−μ)·g; vote = sign(Σ sign(m_i))."""
         untouched = self._untouched(has_grad)[:1]
         grad = self._grad
-        for (start, stop), group in zip(self._group_bounds, self.param_groups):
+        for (start, stop), group in zip(self._layout.group_bounds, self.param_groups):
             mu = group["momentum"]
             if mu != 0:
                 m, g = self._momentum[start:stop], grad[start:stop]
@@ -433,14 +372,7 @@ class DistributedOptimizer(torch.optim.SGD):
         """Stock SGDM: the topology averages the gradient into p.grad (None stays None where no rank has one)."""
         with self._timed("exchange"):
             averaged = self.topology.exchange(self._grad)
-        for i, (p, (a, b)) in enumerate(zip(self._params, self._bounds)):
-            if not has_grad[i]:
-                continue
-            view = averaged[a:b].view_as(p)
-            if p.grad is None or p.grad.is_sparse:
-                p.grad = view.clone()
-            else:
-                p.grad.copy_(view)
+        self._layout.write_grads(averaged, has_grad)
         return None, []
 
     # --- the step: update ---------------------------------------------------------------------------
@@ -453,9 +385,7 @@ class DistributedOptimizer(torch.optim.SGD):
         else:
             update = done.update
             if done.exposed:  # what the user left in p.grad after synchronize() (clipped, say)
-                for p, (a, b) in zip(self._params, self._bounds):
-                    if p.grad is not None:
-                        update[a:b].copy_(p.grad.reshape(-1))
+                self._layout.read_grads(update)
             self._apply(update, momentum_of_decay=self._rule == "ef")
         for u in done.untouched:
             u.restore()
@@ -470,7 +400,8 @@ class DistributedOptimizer(torch.optim.SGD):
         """Weight decay with its own momentum w (uncompressed), then x = x − η·u (SPEC §1):
         w = μ·w + λ·x;  u = Δ̃ + μ·w + λ·x (nesterov) or Δ̃ + w;  x = x − η·u. Without
         ``momentum_of_decay`` (signum), u = Δ̃ + λ·x."""
-        for (start, stop), group, params in zip(self._group_bounds, self.param_groups, self._group_params):
+        layout = self._layout
+        for (start, stop), group, params in zip(layout.group_bounds, self.param_groups, layout.group_params):
             if not params:
                 continue
             wd = group["weight_decay"]
@@ -517,9 +448,8 @@ class DistributedOptimizer(torch.optim.SGD):
         state = super().state_dict()
         if self._rule != "sgd" and (self._initialized or self._steps):
             index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-            for p, (a, b) in zip(self._params, self._bounds):
-                state["state"][index[id(p)]] = {"momentum_buffer": self._momentum[a:b].view_as(p),
-                                                "weight_decay_buffer": self._wd_buffer[a:b].view_as(p)}
+            for p, m, w in zip(self._layout.params, self._layout.views(self._momentum), self._layout.views(self._wd_buffer)):
+                state["state"][index[id(p)]] = {"momentum_buffer": m, "weight_decay_buffer": w}
         state["distef"] = {
             "config": dict(self.config(), rank=self.comm.rank),
             "steps": self._steps, "skipped_steps": self._skipped_steps,

@@ -84,8 +84,9 @@ def _state(opt):
 
 
 def _slice(opt, prefix):
-    idx = [i for i, n in enumerate(opt._names) if n.startswith(prefix)]
-    return opt._bounds[idx[0]][0], opt._bounds[idx[-1]][1]
+    layout = opt._layout
+    idx = [i for i, n in enumerate(layout.names) if n.startswith(prefix)]
+    return layout.bounds[idx[0]][0], layout.bounds[idx[-1]][1]
 
 
 def frozen_and_gradless_parameters_untouched_every_way():
@@ -222,6 +223,7 @@ def _zero_lr_run(topology):
     model = make_model()
     opt = wrap(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), compression="blocksign",
                topology=topology)
+    server_before = None
     for t, lr in enumerate([0.1, 0.1, 0.0, 0.05]):
         opt.param_groups[0]["lr"] = lr
         x, state = flat(model.parameters()).clone(), _state(opt)

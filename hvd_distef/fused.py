@@ -1,0 +1,129 @@
+"""The fused buffer of SPEC §4: which parameters are the optimizer's work, where each lies in the one
+flat float32 vector a step exchanges, and how their gradients get there (SPEC §5a).
+
+The optimizer's work is every parameter of the param groups that requires a gradient when the
+optimizer is built; a parameter with ``requires_grad=False`` (any dtype: a frozen backbone, an int
+buffer registered as a parameter) is not fused, not sent and never changed.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+Range = Tuple[int, int]
+
+
+def offsets(sizes: Sequence[int]) -> List[Range]:
+    """(start, stop) of consecutive pieces of these sizes."""
+    bounds, start = [], 0
+    for n in sizes:
+        bounds.append((start, start + n))
+        start += n
+    return bounds
+
+
+def parameter_names(param_groups: Sequence[dict], named_parameters) -> Dict[torch.Tensor, str]:
+    """Every parameter of the groups by name, with horovod.torch's checks and default names
+    (``allreduce.noname.{group}.{index}``). Raises ValueError for names given twice or missing."""
+    everything = [p for g in param_groups for p in g["params"]]
+    if named_parameters is None:
+        return {p: f"allreduce.noname.{i}.{j}" for i, g in enumerate(param_groups) for j, p in enumerate(g["params"])}
+    named_parameters = list(named_parameters)
+    if any(not isinstance(item, tuple) for item in named_parameters):
+        raise ValueError("named_parameters should be a sequence of tuples (name, parameter), usually "
+                         "produced by model.named_parameters().")
+    seen, dups = set(), set()
+    for name, _ in named_parameters:
+        (dups if name in seen else seen).add(name)
+    if dups:
+        raise ValueError(f"Parameter names in named_parameters must be unique. Found duplicates: "
+                         f"{', '.join(sorted(dups))}")
+    names = {id(p): name for name, p in named_parameters}
+    missing = [i for i, p in enumerate(everything) if id(p) not in names]
+    if missing:
+        raise ValueError(f"named_parameters was specified, but {len(missing)} of the optimizer's parameters "
+                         f"were not named (e.g. index {missing[0]}); pass model.named_parameters() of the same model")
+    return {p: names[id(p)] for p in everything}
+
+
+class FusedLayout:
+    """The optimizer's parameters laid end to end in one float32 vector.
+
+    Attributes:
+        group_params: per param group, its parameters that require a gradient.
+        params: all of them, in group order (the fused order); ``frozen``: the others.
+        names_by_param: horovod.torch's ``_parameter_names`` (every parameter of the groups).
+        names, sizes, bounds: per fused parameter: its name, element count, (start, stop).
+        group_bounds: (start, stop) of each param group; ``numel``: the vector's length.
+
+    Raises ValueError when a parameter that requires a gradient is not float32.
+    """
+
+    def __init__(self, param_groups: Sequence[dict], named_parameters: Optional[Iterable] = None):
+        self.group_params = [[p for p in g["params"] if p.requires_grad] for g in param_groups]
+        self.params: List[torch.Tensor] = [p for ps in self.group_params for p in ps]
+        fused = {id(p) for p in self.params}
+        self.frozen = [p for g in param_groups for p in g["params"] if id(p) not in fused]
+        self.names_by_param = parameter_names(param_groups, named_parameters)
+        self.names = [self.names_by_param[p] for p in self.params]
+        for name, p in zip(self.names, self.params):
+            if p.dtype != torch.float32:
+                raise ValueError(f"parameters that require a gradient must be float32 (the fused buffer is "
+                                 f"float32); {name} is {p.dtype}")
+        self.sizes = [p.numel() for p in self.params]
+        self.bounds = offsets(self.sizes)
+        self.group_bounds = offsets([sum(p.numel() for p in ps) for ps in self.group_params])
+        self.numel = sum(self.sizes)
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+
+    def has_grad(self) -> List[bool]:
+        return [p.grad is not None for p in self.params]
+
+    def gather(self, out: torch.Tensor) -> torch.Tensor:
+        """Every fused gradient into ``out`` (None as zeros, sparse densified, as Horovod's
+        ``sparse_as_dense``). Raises ValueError for a frozen parameter that has a gradient now."""
+        unfrozen = [self.names_by_param[p] for p in self.frozen if p.grad is not None]
+        if unfrozen:
+            raise ValueError(f"{', '.join(unfrozen)} had requires_grad=False when the optimizer was built and "
+                             f"has a gradient now; build the DistributedOptimizer after unfreezing")
+        parts = []
+        for p in self.params:
+            g = p.grad
+            if g is None:
+                parts.append(out.new_zeros(p.numel()))
+            else:
+                parts.append((g.to_dense() if g.is_sparse else g).reshape(-1))
+        return torch.cat(parts, out=out) if parts else out
+
+    def nonfinite(self, flat: torch.Tensor) -> List[str]:
+        """Names of the parameters whose slice of ``flat`` holds a NaN or inf (one reduction when none does)."""
+        if not flat.numel() or bool(torch.isfinite(flat.sum())):
+            return []
+        return [n for n, (a, b) in zip(self.names, self.bounds) if not bool(torch.isfinite(flat[a:b]).all())]
+
+    def idle(self, has_grad: Sequence[bool]) -> Tuple[List[Range], List[torch.Tensor]]:
+        """The slices and the parameters that no rank has a gradient for (``has_grad`` agreed by all)."""
+        which = [i for i, h in enumerate(has_grad) if not h]
+        return [self.bounds[i] for i in which], [self.params[i] for i in which]
+
+    def write_grads(self, flat: torch.Tensor, has_grad: Sequence[bool]) -> None:
+        """``flat``'s slices into p.grad where some rank had a gradient (None stays None elsewhere)."""
+        for p, (a, b), h in zip(self.params, self.bounds, has_grad):
+            if not h:
+                continue
+            view = flat[a:b].view_as(p)
+            if p.grad is None or p.grad.is_sparse:
+                p.grad = view.clone()
+            else:
+                p.grad.copy_(view)
+
+    def read_grads(self, flat: torch.Tensor) -> None:
+        """p.grad back into ``flat`` where it is set (what the user left after ``synchronize()``)."""
+        for p, (a, b) in zip(self.params, self.bounds):
+            if p.grad is not None:
+                flat[a:b].copy_(p.grad.reshape(-1))
+
+    def views(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        """``flat``'s slice for each fused parameter, shaped like it."""
+        return [flat[a:b].view_as(p) for p, (a, b) in zip(self.params, self.bounds)]
