@@ -38,23 +38,25 @@ def check_construction(comm: Comm, config: Optional[dict], failure: Optional[Exc
 class StepDecision(NamedTuple):
     """What every rank does with this step."""
 
-    skip: bool                 #: skip it (a non-finite gradient under nonfinite="skip", or AMP's found_inf)
     has_grad: List[bool]       #: per parameter: some rank has a gradient for it
+    found_inf: bool            #: AMP's GradScaler found an inf on some rank: skip, silently
+    nonfinite: Optional[NonFiniteGradientError]  #: some rank has a NaN/inf gradient: what to raise
 
 
 def agree_on_step(comm: Comm, has_grad: Sequence[bool], failure: Optional[Exception],
-                  nonfinite: Sequence[str], found_inf: bool, policy: str) -> StepDecision:
+                  nonfinite: Sequence[str], found_inf: bool) -> StepDecision:
     """One collective decision per step, before any buffer changes.
 
     ``failure``: this rank's local preparation error (raised here on every rank); ``nonfinite``:
-    names of this rank's parameters with NaN/inf gradients (every rank raises
-    ``NonFiniteGradientError``, or skips under ``policy="skip"``); ``found_inf``: AMP's GradScaler
-    found an inf on this rank (every rank skips, silently: the scaler backs off).
+    names of this rank's parameters with NaN/inf gradients (every rank gets the same
+    ``NonFiniteGradientError`` to raise, naming them); ``found_inf``: AMP's GradScaler found an inf
+    on this rank.
     """
     flags = comm.max_ints([int(failure is not None), int(bool(nonfinite)), int(found_inf)] + [int(h) for h in has_grad])
     any_failure, any_nonfinite, any_inf = flags[:3]
     agreed = [bool(h) for h in flags[3:]]
-    if any_failure or (any_nonfinite and policy == "raise" and not any_inf):
+    error = None
+    if any_failure or any_nonfinite:
         reports = comm.allgather_obj((list(nonfinite), None if failure is None else f"{type(failure).__name__}: {failure}"))
         failures = [f"rank {r}: {msg}" for r, (_, msg) in enumerate(reports) if msg]
         if failures:
@@ -62,6 +64,6 @@ def agree_on_step(comm: Comm, has_grad: Sequence[bool], failure: Optional[Except
                 raise failure
             raise HvdDistefError("step() failed on another rank before the exchange (" + "; ".join(failures) + ")")
         report = "; ".join(f"rank {r}: {', '.join(bad)}" for r, (bad, _) in enumerate(reports) if bad)
-        raise NonFiniteGradientError(f"non-finite gradient ({report}); nothing was updated. "
-                                     f"Lower the lr, check the data, or pass nonfinite='skip'")
-    return StepDecision(skip=bool(any_nonfinite or any_inf), has_grad=agreed)
+        error = NonFiniteGradientError(f"non-finite gradient ({report}); nothing was updated. "
+                                       f"Lower the lr, check the data, or pass nonfinite='skip'")
+    return StepDecision(has_grad=agreed, found_inf=bool(any_inf), nonfinite=error)

@@ -39,10 +39,11 @@ HYPERPARAMETERS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "m
 class _Exchanged(NamedTuple):
     """What ``synchronize()`` leaves for ``step()``."""
 
-    update: Optional[torch.Tensor]   #: Δ̃ (ef), the vote (signum), None (sgd: the averaged p.grad) or a skipped step
+    update: Optional[torch.Tensor]   #: Δ̃ (ef), the vote (signum), or None (sgd: the averaged p.grad)
     untouched: List[Untouched]
     exposed: bool                    #: the update was written into p.grad (the user may have changed it)
-    skipped: bool
+    skipped: bool                    #: nothing to apply (no gradients, a non-finite gradient, AMP's inf)
+    nonfinite: Optional[Exception] = None  #: decided after an explicit synchronize(): raise it unless AMP skips
 
 
 class DistributedOptimizer(torch.optim.SGD):
@@ -271,13 +272,22 @@ class DistributedOptimizer(torch.optim.SGD):
             nonfinite = self._fuse_gradients()
         except (ValueError, RuntimeError) as exc:  # told to every rank below, instead of a hang
             failure = exc
-        found_inf = getattr(self, "found_inf", None)
-        decision = agreement.agree_on_step(self.comm, has_grad, failure, nonfinite,
-                                           found_inf is not None and bool(found_inf.item() > 0), self.nonfinite)
+        decision = agreement.agree_on_step(self.comm, has_grad, failure, nonfinite, self._amp_found_inf())
         self._backward_passes = 0
-        if decision.skip:
+        if decision.found_inf or (decision.nonfinite is not None and not expose):
+            if not decision.found_inf and self.nonfinite == "raise":
+                raise decision.nonfinite
             self._skipped_steps += 1
             self._exchanged = _Exchanged(None, [], False, skipped=True)
+            return
+        if decision.nonfinite is not None:
+            # Horovod's meaning: after synchronize() every rank's p.grad holds the non-finite values,
+            # so that GradScaler.unscale_ finds them on every rank (the AMP recipe skips the step and
+            # backs off alike); nothing was exchanged and step() raises unless AMP skips it
+            for p, h in zip(self._layout.params, decision.has_grad):
+                if h:
+                    p.grad = torch.full_like(p, float("nan"))
+            self._exchanged = _Exchanged(None, [], False, skipped=True, nonfinite=decision.nonfinite)
             return
         if not any(decision.has_grad):  # torch's SGD: a step with no gradients changes nothing
             self._exchanged = _Exchanged(None, [], False, skipped=True)
@@ -300,15 +310,20 @@ class DistributedOptimizer(torch.optim.SGD):
         return True
 
     def _initialize_state(self) -> None:
-        """Per-parameter state exists from now on, on every rank alike (what Horovod broadcasts): under
-        ``allreduce`` torch's momentum buffers, zeros (m = μ·0 + g = g, as torch's first step), or None
-        where momentum is 0."""
+        """Per-parameter state exists from now on, on every rank alike (what Horovod broadcasts):
+        torch's ``momentum_buffer`` for each parameter (under error feedback, with its
+        ``weight_decay_buffer``: views of the live flat buffers); under ``allreduce``, zeros
+        (m = μ·0 + g = g, as torch's first step), or None where momentum is 0."""
         self._initialized = True
-        if self._rule == "sgd":
-            for group, params in zip(self.param_groups, self._layout.group_params):
-                for p in params:
-                    if self.state[p].get("momentum_buffer") is None:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p) if group["momentum"] != 0 else None
+        layout = self._layout
+        if self._rule != "sgd":
+            for p, m, w in zip(layout.params, layout.views(self._momentum), layout.views(self._wd_buffer)):
+                self.state[p] = {"momentum_buffer": m, "weight_decay_buffer": w}
+            return
+        for group, params in zip(self.param_groups, layout.group_params):
+            for p in params:
+                if self.state[p].get("momentum_buffer") is None:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p) if group["momentum"] != 0 else None
 
     def _fuse_gradients(self) -> List[str]:
         """All gradients in ``self._grad`` (None as zeros, sparse densified), unscaled for AMP; returns
@@ -376,8 +391,17 @@ class DistributedOptimizer(torch.optim.SGD):
         return None, []
 
     # --- the step: update ---------------------------------------------------------------------------
+    def _amp_found_inf(self) -> bool:
+        """Set by torch's GradScaler around ``step()`` (its ``_step_supports_amp_scaling`` protocol)."""
+        found_inf = getattr(self, "found_inf", None)
+        return found_inf is not None and bool(found_inf.item() > 0)
+
     def _finish(self) -> None:
         done = self._exchanged
+        if done is not None and done.nonfinite is not None:  # found by an explicit synchronize()
+            if not self._amp_found_inf() and self.nonfinite == "raise":
+                raise done.nonfinite
+            self._skipped_steps += 1
         if done is None or done.skipped:
             return
         if self._rule == "sgd":
@@ -441,15 +465,12 @@ class DistributedOptimizer(torch.optim.SGD):
                 "compress_time_s": self._seconds["compress"], "exchange_time_s": self._seconds["exchange"]}
 
     def state_dict(self) -> dict:
-        """torch's SGD state dict plus ours. ``state`` holds, per parameter, views of the live momentum
-        m_i and weight-decay buffer w (what ``hvd.broadcast_optimizer_state`` broadcasts in place); the
-        ``distef`` entry holds the flat buffers, the worker error e_i, the server error ẽ where this
-        rank holds it and the compressors' streams; each group's η_{t-1} is its ``prev_lr``."""
+        """torch's SGD state dict plus ours. Under error feedback ``state`` holds, per parameter, views
+        of the live momentum m_i and weight-decay buffer w (what ``hvd.broadcast_optimizer_state``
+        broadcasts in place); the ``distef`` entry holds the flat buffers, the worker error e_i, the
+        server error ẽ where this rank holds it and the compressors' streams; each group's η_{t-1}
+        is its ``prev_lr``."""
         state = super().state_dict()
-        if self._rule != "sgd" and (self._initialized or self._steps):
-            index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-            for p, m, w in zip(self._layout.params, self._layout.views(self._momentum), self._layout.views(self._wd_buffer)):
-                state["state"][index[id(p)]] = {"momentum_buffer": m, "weight_decay_buffer": w}
         state["distef"] = {
             "config": dict(self.config(), rank=self.comm.rank),
             "steps": self._steps, "skipped_steps": self._skipped_steps,
@@ -463,7 +484,8 @@ class DistributedOptimizer(torch.optim.SGD):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Validates everything first, then loads; the param group dicts stay the ones the wrapped
-        SGD shares (a scheduler built on it keeps driving this optimizer)."""
+        SGD shares (a scheduler built on it keeps driving this optimizer). Under ``allreduce`` a
+        ``torch.optim.SGD`` or horovod.torch checkpoint loads too."""
         ours = self._validated(state_dict)
         groups = self.param_groups
         super().load_state_dict({"state": state_dict["state"] if self._rule == "sgd" else {},
@@ -472,29 +494,36 @@ class DistributedOptimizer(torch.optim.SGD):
             mine.update(loaded)
             mine.setdefault("prev_lr", 0.0)
         self.param_groups = groups
-        for buf, saved in ((self._momentum, ours.get("momentum")), (self._wd_buffer, ours.get("weight_decay_buffer"))):
-            if buf is not None:
-                buf.zero_() if saved is None else buf.copy_(saved)
-        if self._worker_memory is not None:
-            self._worker_memory.load_state_dict(ours["worker_error"])
-        self.topology.load_state_dict(ours["topology"])
-        self._worker_compressor.load_state_dict(ours["worker_compressor"])
-        self.topology.compressor.load_state_dict(ours["server_compressor"])
-        self._steps, self._skipped_steps = ours["steps"], ours["skipped_steps"]
         self._backward_passes, self._synchronized, self._exchanged = 0, False, None
+        if ours is not None:
+            for buf, saved in ((self._momentum, ours.get("momentum")),
+                               (self._wd_buffer, ours.get("weight_decay_buffer"))):
+                if buf is not None:
+                    buf.zero_() if saved is None else buf.copy_(saved)
+            if self._worker_memory is not None:
+                self._worker_memory.load_state_dict(ours["worker_error"])
+            self.topology.load_state_dict(ours["topology"])
+            self._worker_compressor.load_state_dict(ours["worker_compressor"])
+            self.topology.compressor.load_state_dict(ours["server_compressor"])
+            self._steps, self._skipped_steps = ours["steps"], ours["skipped_steps"]
         self._initialize_state()
 
-    def _validated(self, state_dict: dict) -> dict:
-        """Our part of ``state_dict``, after checking that all of it fits this optimizer (nothing is changed)."""
+    def _validated(self, state_dict: dict) -> Optional[dict]:
+        """Our part of ``state_dict`` (None for a plain torch/Horovod SGD checkpoint under ``allreduce``),
+        after checking that all of it fits this optimizer (nothing is changed)."""
+        sizes = [len(g["params"]) for g in state_dict.get("param_groups", [])]
         if "distef" not in state_dict:
-            raise ValueError("this is not a hvd_distef.DistributedOptimizer state dict (no 'distef' entry)")
+            if self._rule == "sgd" and sizes == [len(g["params"]) for g in self.param_groups]:
+                return None
+            raise ValueError("this is not a hvd_distef.DistributedOptimizer state dict (no 'distef' entry) of this "
+                             "model: a torch.optim.SGD or horovod.torch checkpoint has no worker or server errors. "
+                             "Resume it with topology='allreduce' (same param groups), or start afresh")
         ours = state_dict["distef"]
         saved, mine = ours["config"], dict(self.config(), rank=self.comm.rank)
         diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
         if diffs:
             raise ValueError("the checkpoint comes from another configuration (" + "; ".join(diffs) + ")")
-        groups = state_dict.get("param_groups", [])
-        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
+        if sizes != [len(g["params"]) for g in self.param_groups]:
             raise ValueError("the checkpoint's param groups do not have this optimizer's sizes")
         for name in ("momentum", "weight_decay_buffer"):
             saved_buf = ours.get(name)

@@ -7,7 +7,7 @@ import warnings
 import horovod.torch as hvd
 import torch
 
-from common import COMM, assert_identical_across_ranks, flat, loss_of, make_model, wrap
+from common import COMM, assert_identical_across_ranks, flat, loss_of, make_model, roundtrip, wrap
 from harness import run
 
 import hvd_distef
@@ -361,6 +361,94 @@ def grad_scaler_skips_on_every_rank():
     return "; ".join(out)
 
 
+def horovod_amp_recipe_skips_alike():
+    """Horovod's AMP recipe (synchronize(); scaler.unscale_(opt); with skip_synchronize(): scaler.step(opt))
+    with the stock torch.amp.GradScaler and an inf on rank 1 only: every rank skips, the scales stay
+    equal, and under `allreduce` everything is bit for bit stock Horovod's. Without a scaler the same
+    synchronize() makes step() raise NonFiniteGradientError on every rank, nothing updated."""
+    out = []
+    for flavour in ("stock", "allreduce", "ps"):
+        model = make_model()
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt = (hvd.DistributedOptimizer(sgd, named_parameters=model.named_parameters()) if flavour == "stock"
+               else wrap(model, sgd, compression="none" if flavour == "allreduce" else "blocksign", topology=flavour))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        for t in range(4):
+            before = flat(model.parameters()).clone()
+            opt.zero_grad()
+            scaler.scale(loss_of(model, RANK, t)).backward()
+            if t == 1 and RANK == 1:
+                model[0].weight.grad[0, 0] = float("inf")
+            opt.synchronize()
+            scaler.unscale_(opt)
+            with opt.skip_synchronize():
+                scaler.step(opt)
+            scaler.update()
+            assert_identical_across_ranks(model.parameters(), f"{flavour} step {t}")
+            if t == 1:
+                assert torch.equal(before, flat(model.parameters())), f"{flavour}: the inf step moved x"
+        scales = COMM.allgather(scaler.get_scale())
+        assert len(set(scales)) == 1 and scales[0] == 2.0 ** 9, (flavour, scales)
+        out.append(flat(model.parameters()))
+    assert torch.equal(out[0], out[1]), "allreduce differs from stock Horovod"
+    for topology, compression in (("allreduce", "none"), ("ps", "blocksign")):
+        model = make_model()
+        opt = wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), compression=compression, topology=topology)
+        before = flat(model.parameters()).clone()
+        opt.zero_grad()
+        loss_of(model, RANK, 0).backward()
+        if RANK == 1:
+            model[0].weight.grad[0, 0] = float("nan")
+        opt.synchronize()
+        try:
+            with opt.skip_synchronize():
+                opt.step()
+        except hvd_distef.NonFiniteGradientError as exc:
+            assert "rank 1: 0.weight" in str(exc), str(exc)
+            assert torch.equal(before, flat(model.parameters()))
+            continue
+        raise AssertionError(f"{topology}: no error for a NaN gradient after synchronize()")
+    return "skipped alike, scales equal; raised without a scaler"
+
+
+def stock_checkpoint_resumes_under_allreduce():
+    """A horovod.torch (torch.optim.SGD) checkpoint loads into our `allreduce` optimizer and the run
+    goes on bit for bit as stock Horovod's; under error feedback it is refused with the reason, and
+    opt.state[p] holds live views of the momentum."""
+    def train(opt, model, steps):
+        for t in steps:
+            opt.zero_grad()
+            loss_of(model, RANK, t).backward()
+            opt.step()
+    model = make_model()
+    stock = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3),
+                                     named_parameters=model.named_parameters())
+    train(stock, model, range(3))
+    checkpoint = roundtrip({"model": model.state_dict(), "opt": stock.state_dict()})
+    train(stock, model, range(3, 6))
+    resumed = make_model()
+    resumed.load_state_dict(checkpoint["model"])
+    ours = wrap(resumed, torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3),
+                compression="none", topology="allreduce")
+    ours.load_state_dict(checkpoint["opt"])
+    train(ours, resumed, range(3, 6))
+    assert torch.equal(flat(model.parameters()), flat(resumed.parameters()))
+    ef = wrap(resumed, torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9), compression="blocksign")
+    try:
+        ef.load_state_dict(checkpoint["opt"])
+    except ValueError as exc:
+        assert "topology='allreduce'" in str(exc)
+    else:
+        raise AssertionError("a torch checkpoint was accepted under error feedback")
+    train(ef, resumed, range(2))
+    for p in resumed.parameters():
+        m = ef.state[p]["momentum_buffer"]
+        assert m.shape == p.shape and m.data_ptr() in range(ef._momentum.data_ptr(),
+                                                            ef._momentum.data_ptr() + 4 * ef.numel)
+    assert bool(ef._momentum.abs().sum() > 0)
+    return "bitwise equal to stock Horovod"
+
+
 def fp16_on_the_wire_stays_finite():
     """`allreduce`+fp16, gradient 40000 on every rank: w = x − 0.1·40000 as torch computes it (the
     fp16 sum of 40000s would overflow). `ps`+fp16 with gradient 1e5: the cast saturates at 65504,
@@ -588,7 +676,8 @@ CASES = {f.__name__: f for f in [
     frozen_and_gradless_parameters_untouched_every_way, frozen_parameters_under_allreduce_equal_stock_horovod,
     step_with_no_gradients_changes_nothing, param_groups_are_shared, hyperparameters_change_at_run_time,
     zero_lr_keeps_errors_and_rescales_by_last_nonzero, broadcast_optimizer_state_takes_no_step,
-    grad_scaler_skips_on_every_rank, fp16_on_the_wire_stays_finite, ranks_that_disagree_raise_on_every_rank,
+    grad_scaler_skips_on_every_rank, horovod_amp_recipe_skips_alike, stock_checkpoint_resumes_under_allreduce,
+    fp16_on_the_wire_stays_finite, ranks_that_disagree_raise_on_every_rank,
     rejected_checkpoint_changes_nothing, comm_subset_restricts_allreduce, gradient_clipping_recipe, synchronize_then_step_warns_once,
     horovod_arguments_accepted_or_refused, predivide_and_sum_under_allreduce_equal_stock_horovod,
     sparse_gradients_are_densified, step_hooks_run_once_per_step,
