@@ -147,15 +147,17 @@ class DistributedOptimizer(torch.optim.SGD):
         self._seconds = {"compress": 0.0, "exchange": 0.0}
         self._backward_passes = 0
         self._end_of_backward_queued = False
+        self._grads_reset = False
+        self._grad_seen: dict = {}  # parameter -> weak reference to its gradient after its last accumulation
         self._synchronized = False
         self._should_synchronize = True
         self._exchanged: Optional[_Exchanged] = None
         this = weakref.ref(self)  # hooks must not keep a discarded optimizer (and its buffers) alive
 
-        def on_grad(_param):
+        def on_grad(param):
             opt = this()
             if opt is not None:
-                opt._on_grad()
+                opt._on_grad(param)
         handles = [p.register_post_accumulate_grad_hook(on_grad) for p in self._layout.params]
         weakref.finalize(self, lambda: [h.remove() for h in handles])
 
@@ -201,14 +203,22 @@ class DistributedOptimizer(torch.optim.SGD):
                 "param_groups": [{k: g.get(k) for k in HYPERPARAMETERS} for g in self.param_groups]}
 
     # --- Horovod's surface --------------------------------------------------------------------------
-    def _on_grad(self) -> None:
-        """A gradient was accumulated: count the backward pass once, when it ends."""
+    def _on_grad(self, param: torch.Tensor) -> None:
+        """A gradient was accumulated: count the backward pass once, when it ends. A parameter whose
+        gradient is another tensor than after its last accumulation had it reset in between (by
+        ``model.zero_grad()``, say): the count restarts with this pass."""
+        seen = self._grad_seen.get(param)
+        if seen is not None and seen() is not param.grad:
+            self._grads_reset = True
+        self._grad_seen[param] = weakref.ref(param.grad)
         if not self._end_of_backward_queued:
             self._end_of_backward_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
 
     def _end_of_backward(self) -> None:
         self._end_of_backward_queued = False
+        if self._grads_reset:
+            self._grads_reset, self._backward_passes = False, 0
         self._backward_passes += 1
 
     def set_backward_passes_per_step(self, passes: int) -> None:

@@ -193,6 +193,12 @@ def backward_passes_sum():
                     p.grad += more[j]
             opt_b.step()
             assert torch.equal(flat(a.parameters()), flat(b.parameters())), f"epoch {epoch}, from batch {start}"
+    for t in range(3):  # passes abandoned by model.zero_grad() (grads set to None) do not count
+        loss_of(a, RANK, t).backward()
+    a.zero_grad()
+    for t in range(4):
+        loss_of(a, RANK, t).backward()
+    opt_a.step()
     opt_a.zero_grad()
     for k in range(5):
         loss_of(a, RANK, k).backward()
