@@ -54,19 +54,19 @@ class DistributedOptimizer(torch.optim.SGD):
     may change between steps (the error rescale η_{t-1}/η_t follows lr; lr = 0 leaves x and the
     errors as they were).
 
-    Args:
+    Args (horovod.torch's, in its order; then ours, by keyword):
         optimizer: a ``torch.optim.SGD``. Parameters with ``requires_grad=False`` (any dtype) are
             not the optimizer's work; the others must be float32 (the fused buffer is float32).
         named_parameters: ``model.named_parameters()``, for error messages and the rank agreement check.
         compression: a compressor name, ``Compression.<name>`` class, configured instance, or
             Horovod's ``hvd.Compression.none`` / ``.fp16``.
-        topology: one of ``hvd_distef.topologies.REGISTRY`` (``"ps"``, ``"allreduce"``, ...).
         backward_passes_per_step: backward passes allowed per step (counted per ``backward()``
-            call; ``zero_grad()`` and ``step()`` reset the count). The gradient used is ``p.grad``
-            as the passes left it: summed, as in torch and Horovod (SPEC §1).
+            call; ``zero_grad()``, gradients set to None and ``step()`` restart the count). The
+            gradient used is ``p.grad`` as the passes left it: summed, as in torch and Horovod (SPEC §1).
         op, gradient_predivide_factor, num_groups, groups, sparse_as_dense: Horovod's arguments
             (see ``hvd_distef.horovod_args``).
         process_set: a Horovod process set: only its ranks exchange (a rank outside it trains alone).
+        topology: one of ``hvd_distef.topologies.REGISTRY`` (``"ps"``, ``"allreduce"``, ...).
         nonfinite: ``"raise"`` (every rank raises ``NonFiniteGradientError`` before touching any
             buffer) or ``"skip"`` (the step is skipped on every rank and counted).
         comm: an mpi4py communicator to use instead of ``MPI.COMM_WORLD`` (duplicated once per process).
@@ -82,9 +82,9 @@ class DistributedOptimizer(torch.optim.SGD):
 
     def __init__(self, optimizer: torch.optim.Optimizer,
                  named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
-                 compression=Compression.blocksign, topology: str = "ps",
-                 backward_passes_per_step: int = 1, op=None, gradient_predivide_factor: float = 1.0,
-                 num_groups: int = 0, groups=None, sparse_as_dense: bool = False, process_set=None,
+                 compression=Compression.blocksign, backward_passes_per_step: int = 1, op=None,
+                 gradient_predivide_factor: float = 1.0, num_groups: int = 0, groups=None,
+                 sparse_as_dense: bool = False, process_set=None, *, topology: str = "ps",
                  nonfinite: str = "raise", comm=None, timeout_s: Optional[float] = None):
         failure = None
         try:
