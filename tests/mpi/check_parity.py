@@ -323,6 +323,14 @@ def broadcast_optimizer_state_takes_no_step():
     return "no step, resume recipe ok: " + ", ".join(out)
 
 
+def _scaled_backward(model, opt, scaler, t):
+    """zero_grad() and a scaled backward pass; rank 1's gradient gets an inf at step 1."""
+    opt.zero_grad()
+    scaler.scale(loss_of(model, RANK, t)).backward()
+    if t == 1 and RANK == 1:
+        model[0].weight.grad[0, 0] = float("inf")
+
+
 def grad_scaler_skips_on_every_rank():
     """An inf on rank 1 only at step 1: every rank skips that step, no hang, identical parameters;
     with hvd_distef.GradScaler the scales stay identical too. Without infs an AMP run equals the
@@ -339,10 +347,7 @@ def grad_scaler_skips_on_every_rank():
                              compression=compression, topology=topology)
             for t in range(4):
                 before = flat(model.parameters()).clone()
-                opt.zero_grad()
-                scaler.scale(loss_of(model, RANK, t)).backward()
-                if t == 1 and RANK == 1:
-                    model[0].weight.grad[0, 0] = float("inf")
+                _scaled_backward(model, opt, scaler, t)
                 scaler.step(opt)
                 scaler.update()
                 assert_identical_across_ranks(model.parameters(), f"step {t}")
@@ -375,10 +380,7 @@ def horovod_amp_recipe_skips_alike():
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
         for t in range(4):
             before = flat(model.parameters()).clone()
-            opt.zero_grad()
-            scaler.scale(loss_of(model, RANK, t)).backward()
-            if t == 1 and RANK == 1:
-                model[0].weight.grad[0, 0] = float("inf")
+            _scaled_backward(model, opt, scaler, t)
             opt.synchronize()
             scaler.unscale_(opt)
             with opt.skip_synchronize():
