@@ -155,23 +155,27 @@ class Comm:
         """Bound a collective by this communicator's timeout (see ``Watchdog``)."""
         return self.watchdog.watch(what, self.timeout_s)
 
-    def count(self, sent: float, received: float) -> None:
-        """Add this rank's bytes of one exchange to the counters (fractional for Horovod's ring formula)."""
+    def _count(self, sent: float, received: float) -> None:
         self.bytes_sent += sent
         self.bytes_received += received
 
     # --- byte collectives ---------------------------------------------------------------------
+    # Each counts the bytes of the buffers it hands to MPI that leave or reach this rank: a rank's
+    # own part of a collective never crosses the wire; gather and broadcast count as the flat trees
+    # of point-to-point messages they stand for (SPEC §3).
     def gather(self, buf: torch.Tensor, root: int) -> Optional[torch.Tensor]:
         """Equal-size buffers from every rank, concatenated in rank order on ``root`` (None elsewhere)."""
         out = torch.empty(buf.numel() * self.size, dtype=torch.uint8) if self.rank == root else None
         with self.watch("MPI Gather"):
             self.mpi.Gather(_np(buf), None if out is None else _np(out), root=root)
+        self._count(0, (self.size - 1) * buf.numel()) if self.rank == root else self._count(buf.numel(), 0)
         return out
 
     def bcast(self, buf: torch.Tensor, root: int) -> torch.Tensor:
         """``root``'s buffer, in place on every rank."""
         with self.watch("MPI Bcast"):
             self.mpi.Bcast(_np(buf), root=root)
+        self._count((self.size - 1) * buf.numel(), 0) if self.rank == root else self._count(0, buf.numel())
         return buf
 
     def alltoallv(self, send: torch.Tensor, send_counts: List[int], recv_counts: List[int]) -> torch.Tensor:
@@ -179,6 +183,7 @@ class Comm:
         recv = torch.empty(sum(recv_counts), dtype=torch.uint8)
         with self.watch("MPI Alltoallv"):
             self.mpi.Alltoallv([_np(send), send_counts], [_np(recv), recv_counts])
+        self._count(sum(send_counts) - send_counts[self.rank], sum(recv_counts) - recv_counts[self.rank])
         return recv
 
     def allgatherv(self, send: torch.Tensor, counts: List[int]) -> torch.Tensor:
@@ -186,16 +191,19 @@ class Comm:
         recv = torch.empty(sum(counts), dtype=torch.uint8)
         with self.watch("MPI Allgatherv"):
             self.mpi.Allgatherv(_np(send), [_np(recv), counts])
+        self._count((self.size - 1) * send.numel(), sum(counts) - counts[self.rank])
         return recv
 
     def send(self, buf: torch.Tensor, dest: int) -> None:
         with self.watch(f"MPI Send to rank {dest}"):
             self.mpi.Send(_np(buf), dest=dest)
+        self._count(buf.numel(), 0)
 
     def recv(self, nbytes: int, source: int) -> torch.Tensor:
         buf = torch.empty(nbytes, dtype=torch.uint8)
         with self.watch(f"MPI Recv from rank {source}"):
             self.mpi.Recv(_np(buf), source=source)
+        self._count(0, nbytes)
         return buf
 
     def sendrecv(self, buf: torch.Tensor, dest: int, nbytes: int, source: int) -> torch.Tensor:
@@ -203,7 +211,14 @@ class Comm:
         out = torch.empty(nbytes, dtype=torch.uint8)
         with self.watch(f"MPI Sendrecv with ranks {dest}/{source}"):
             self.mpi.Sendrecv(_np(buf), dest=dest, recvbuf=_np(out), source=source)
+        self._count(buf.numel(), nbytes)
         return out
+
+    def count_ring_allreduce(self, wire: torch.Tensor) -> None:
+        """A buffer handed to a ring allreduce (Horovod's, or MPI's on large buffers) moves 2·(M−1)/M of
+        its bytes each way on every rank (fractional)."""
+        volume = 2 * (self.size - 1) * wire.numel() * wire.element_size() / self.size
+        self._count(volume, volume)
 
     # --- small control messages -----------------------------------------------------------------
     def max_ints(self, values: List[int]) -> List[int]:

@@ -59,8 +59,7 @@ class Allreduce(Topology):
         else:
             wire = result = grad.clone()
             self._reduce(result, self.average)
-        volume = 2 * (size - 1) * self.numel * wire.element_size() / size
-        self.comm.count(sent=volume, received=volume)
+        self.comm.count_ring_allreduce(wire)
         return result
 
     def _reduce(self, wire: torch.Tensor, average: bool) -> None:

@@ -5,9 +5,9 @@ worker's payload for each, run the server step of SPEC §1 where their server ro
 return Δ̃. Baselines that replace the update rule say so in ``update_rule`` ("sgd" for stock
 allreduce SGDM, "signum" for majority vote) and exchange what that rule needs.
 
-Byte counters count what this rank puts on and takes off the wire under the topology's
-algorithm; collectives are counted as the point-to-point messages they are built from
-(gather, broadcast and allgather as flat trees).
+Byte counters are measured, not computed: ``Comm`` counts the bytes of every buffer a topology
+hands to MPI that leaves or reaches this rank (gather, broadcast and allgather as the flat trees
+of point-to-point messages they stand for); the tests hold them to SPEC §3's formulas.
 """
 from __future__ import annotations
 

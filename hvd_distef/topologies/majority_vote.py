@@ -36,8 +36,6 @@ class MajorityVote(Topology):
         gathered = comm.gather(signs.cpu(), ROOT)
         vote = _kernels.majority_vote(gathered, self.numel) if comm.rank == ROOT else torch.empty(2 * b, dtype=torch.uint8)
         comm.bcast(vote, ROOT)
-        peers = (comm.size - 1) * b
-        comm.count(sent=2 * peers if comm.rank == ROOT else b, received=peers if comm.rank == ROOT else 2 * b)
         if self.device.type == "cpu":
             return _kernels.unpack_vote(vote, self.numel, out=self.delta)
         return self.delta.copy_(_kernels.unpack_vote(vote, self.numel))

@@ -37,6 +37,4 @@ class ParameterServer(Topology):
         else:
             broadcast = torch.empty(s, dtype=torch.uint8)
         comm.bcast(broadcast, ROOT)
-        peers = (comm.size - 1) * s
-        comm.count(sent=peers if comm.rank == ROOT else s, received=peers if comm.rank == ROOT else s)
         return self.decompress_shards([broadcast])

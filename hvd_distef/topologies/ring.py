@@ -27,13 +27,11 @@ class Ring(ShardPerRank):
     def exchange(self, payloads: List[Payload], segments: Segments) -> torch.Tensor:
         comm, me, M, sizes = self.comm, self.comm.rank, self.comm.size, self.nbytes
         right, left = (me + 1) % M, (me - 1) % M
-        sent = received = 0
         # Reduce-scatter: at hop k send chunk (me-k-1), receive chunk (me-k-2); rank me ends with chunk me.
         outgoing = payloads[(me - 1) % M]
         for k in range(M - 1):
-            out_chunk, in_chunk = (me - k - 1) % M, (me - k - 2) % M
+            in_chunk = (me - k - 2) % M
             incoming = comm.sendrecv(outgoing.to_bytes(), right, sizes[in_chunk], left)
-            sent, received = sent + sizes[out_chunk], received + sizes[in_chunk]
             partial = self.compressor.decompress(self.decode(incoming, in_chunk)).clone()
             partial.add_(self.compressor.decompress(payloads[in_chunk]))
             if k < M - 2:
@@ -45,6 +43,4 @@ class Ring(ShardPerRank):
         for k in range(M - 1):
             out_chunk, in_chunk = (me - k) % M, (me - k - 1) % M
             chunks[in_chunk] = comm.sendrecv(chunks[out_chunk], right, sizes[in_chunk], left)
-            sent, received = sent + sizes[out_chunk], received + sizes[in_chunk]
-        comm.count(sent=sent, received=received)
         return self.decompress_shards([chunks[j] for j in range(M)])
