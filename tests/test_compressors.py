@@ -259,3 +259,26 @@ def test_fp16_saturates_and_keeps_the_excess_as_error():
     payload = c.compress_with_feedback(x, error, [4], [(0, 4, 1.0)])
     assert torch.equal(c.decompress(payload), torch.tensor([65504.0, -65504.0, 40000.0, 1.0]))
     assert torch.equal(error, torch.tensor([1e5 - 65504.0, 65504.0 - 1e5, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("blocks", [[1] * 1000, [1], [1, 1, 2], [2] * 5, [3, 1, 1, 1], [64, 1, 1]])
+def test_blocksign_never_costs_more_than_raw(blocks):
+    """Issue 12: with one block per tensor, 1000 scalars would cost ceil(1000/8) + 4·1000 = 4125 B;
+    a payload whose sign form is not smaller than the raw float32 vector goes raw: exact, error 0."""
+    c = get_compressor("blocksign")
+    n = sum(blocks)
+    x = rand(n, 3)
+    payload = c.compress(x, blocks)
+    assert payload.nbytes <= 4 * n
+    raw = math.ceil(n / 8) + 4 * len(blocks) >= 4 * n
+    assert ("values" in payload.tensors) == raw
+    if raw:
+        assert torch.equal(c.decompress(payload), x)
+        error = rand(n, 4)
+        fed = c.compress_with_feedback(x, error, blocks, [(0, n, 0.5)])
+        c.settle(error, fed)
+        assert torch.equal(error, torch.zeros(n)) and fed.nbytes == 4 * n
+    else:
+        assert torch.equal(c.decompress(payload), ref_blocksign(x, blocks))
+    off = Compression.blocksign(raw_if_smaller=False).compress(x, blocks)
+    assert off.nbytes == math.ceil(n / 8) + 4 * len(blocks)

@@ -2,6 +2,11 @@
 
 Payload: B float32 scales, then d sign bits packed 8 per byte, i.e. ceil(d/8) + 4B bytes.
 Exact error per block: ||x_b||² − ||x_b||_1²/d_b, so δ = min_b ||x_b||_1²/(d_b·||x_b||²).
+
+Where that is not smaller than the raw vector (4d bytes: blocks of one element, as in a model of
+many scalars), the payload is the raw float32 vector instead (``raw_if_smaller``, on by default;
+PowerSGD's minimum compression rate is the precedent): compressed bytes never exceed uncompressed,
+and the error of such a payload is zero. The choice depends only on (d, B), so every rank makes it.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ class BlockSign(Compressor):
     uses_blocks = True
     defers_settle = True  # the compiled kernel's single pass (cpp_ops/blocksign.cpp); the torch path alike
 
-    def __init__(self, block_size: Optional[int] = None, bucket_mb: Optional[float] = None):
+    def __init__(self, block_size: Optional[int] = None, bucket_mb: Optional[float] = None,
+                 raw_if_smaller: bool = True):
         if block_size is not None and (int(block_size) != block_size or block_size <= 0):
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         if bucket_mb is not None and not bucket_mb > 0:
@@ -36,6 +42,7 @@ class BlockSign(Compressor):
             raise ValueError("give block_size or bucket_mb, not both")
         self.block_size = None if block_size is None else int(block_size)
         self.bucket_mb = bucket_mb
+        self.raw_if_smaller = bool(raw_if_smaller)
 
     def blocks(self, tensor_sizes: Sequence[int]) -> List[int]:
         sizes = [int(s) for s in tensor_sizes if s > 0]
@@ -53,7 +60,13 @@ class BlockSign(Compressor):
             return buckets
         return sizes
 
+    def is_raw(self, numel: int, block_sizes: Sequence[int]) -> bool:
+        """Whether a vector of this shape goes raw: its sign payload would not be smaller."""
+        return self.raw_if_smaller and numel > 0 and math.ceil(numel / 8) + 4 * len(block_sizes) >= 4 * numel
+
     def layout(self, numel: int, block_sizes: Sequence[int]) -> Layout:
+        if self.is_raw(numel, block_sizes):
+            return (("values", torch.float32, numel),)
         nblocks = len(block_sizes) if numel else 0
         return (("scales", torch.float32, nblocks), ("bits", torch.uint8, math.ceil(numel / 8)))
 
@@ -65,33 +78,47 @@ class BlockSign(Compressor):
         if x.numel() == 0:
             return self._empty(x)
         block_sizes = blocks_or_whole(x, block_sizes)
+        if self.is_raw(x.numel(), block_sizes):
+            return Payload(x.numel(), block_sizes, {"values": x.clone()})
         scales, bits = _kernels.blocksign_compress(x, block_sizes)
         return self._payload(x.numel(), block_sizes, scales, bits)
 
     def decompress(self, payload: Payload) -> torch.Tensor:
         if payload.numel == 0:
             return torch.zeros(0, device=payload["bits"].device)
+        if "values" in payload.tensors:
+            return payload["values"]
         return _kernels.blocksign_decompress(payload["scales"], payload["bits"], payload.block_sizes,
                                              payload.numel)
 
     def decompress_into(self, payload: Payload, out: torch.Tensor) -> torch.Tensor:
         if payload.numel == 0:
             return out
+        if "values" in payload.tensors:
+            return out.copy_(payload["values"])
         return _kernels.blocksign_decompress(payload["scales"], payload["bits"], payload.block_sizes, payload.numel,
                                              out=out)
 
     def compress_with_feedback(self, d, error, block_sizes, segments, unsettled=None) -> Payload:
         if d.numel() == 0:
             return self._empty(d)
+        if self.is_raw(d.numel(), block_sizes):  # the generic step: e <- p − p = 0
+            return super().compress_with_feedback(d, error, block_sizes, segments, unsettled)
         scales, bits = _kernels.blocksign_feedback(d, error, block_sizes, segments, *self._fields(unsettled))
         return self._payload(d.numel(), block_sizes, scales, bits)
 
     def mean_with_feedback(self, payloads, error, block_sizes, segments, unsettled=None) -> Payload:
         if error.numel() == 0:
             return self._empty(error)
+        if self.is_raw(error.numel(), block_sizes):
+            return super().mean_with_feedback(payloads, error, block_sizes, segments, unsettled)
         scales, bits = _kernels.blocksign_server_feedback([p["scales"] for p in payloads], [p["bits"] for p in payloads],
                                                           error, block_sizes, segments, *self._fields(unsettled))
         return self._payload(error.numel(), block_sizes, scales, bits)
+
+    def settle(self, error: torch.Tensor, payload: Payload) -> None:
+        if "values" not in payload.tensors:
+            super().settle(error, payload)
 
     @staticmethod
     def _fields(payload: Optional[Payload]) -> tuple:
@@ -99,8 +126,8 @@ class BlockSign(Compressor):
 
     def decompress_mean(self, payloads: Sequence[Payload]) -> torch.Tensor:
         first = payloads[0]
-        if first.numel == 0:
-            return self.decompress(first)
+        if first.numel == 0 or "values" in first.tensors:
+            return super().decompress_mean(payloads)
         return _kernels.blocksign_decompress_mean([p["scales"] for p in payloads], [p["bits"] for p in payloads],
                                                   first.block_sizes, first.numel)
 
