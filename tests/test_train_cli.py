@@ -153,6 +153,9 @@ def test_bad_flags_one_line_exit_2(argv, message):
 
 
 def test_bad_flag_under_mpirun_every_rank_exits():
-    proc = run_mpi(2, ["-m", "hvd_distef.train", "--batch-size", "0"], check=False, timeout=60)
+    # mpirun would otherwise end the job as soon as the first rank exits 2, possibly before a slower
+    # rank (a loaded machine) has parsed its flags
+    env = dict(mpi_env(), OMPI_MCA_orte_abort_on_non_zero_status="0")
+    proc = run_mpi(2, ["-m", "hvd_distef.train", "--batch-size", "0"], check=False, timeout=60, env=env)
     assert proc.returncode != 0
     assert proc.stderr.count("must be a positive integer") == 2
