@@ -6,11 +6,13 @@ a collective.
   failure anywhere, or any difference in the model, the options or the per-group
   hyper-parameters, raises on every rank.
 - At every step: one small allreduce (element-wise max of an int vector) carries a local failure
-  flag, a non-finite flag, AMP's found_inf and one has-a-gradient bit per parameter. The rare
-  paths (a failure, a non-finite gradient) then allgather the details for the error message.
+  flag, a non-finite flag, AMP's found_inf, a digest of the step's hyper-parameters (and its
+  negation: max and min) and one has-a-gradient bit per parameter. The rare paths (a failure, a
+  non-finite gradient, different hyper-parameters) then allgather the details for the message.
 """
 from __future__ import annotations
 
+import zlib
 from typing import List, NamedTuple, Optional, Sequence
 
 from .comm import Comm
@@ -43,18 +45,30 @@ class StepDecision(NamedTuple):
     nonfinite: Optional[NonFiniteGradientError]  #: some rank has a NaN/inf gradient: what to raise
 
 
+def fingerprint(value) -> int:
+    """A 31-bit digest of a plain value (equal on every rank for equal values)."""
+    return zlib.crc32(repr(value).encode()) & 0x7FFF_FFFF
+
+
 def agree_on_step(comm: Comm, has_grad: Sequence[bool], failure: Optional[Exception],
-                  nonfinite: Sequence[str], found_inf: bool) -> StepDecision:
+                  nonfinite: Sequence[str], found_inf: bool, hyperparameters: List[dict]) -> StepDecision:
     """One collective decision per step, before any buffer changes.
 
     ``failure``: this rank's local preparation error (raised here on every rank); ``nonfinite``:
     names of this rank's parameters with NaN/inf gradients (every rank gets the same
     ``NonFiniteGradientError`` to raise, naming them); ``found_inf``: AMP's GradScaler found an inf
-    on this rank.
+    on this rank; ``hyperparameters``: this rank's per-group lr, momentum, ... (ranks that differ,
+    a scheduler stepped on one rank say, raise ValueError on every rank naming each rank's values).
     """
-    flags = comm.max_ints([int(failure is not None), int(bool(nonfinite)), int(found_inf)] + [int(h) for h in has_grad])
+    digest = fingerprint(hyperparameters)
+    flags = comm.max_ints([int(failure is not None), int(bool(nonfinite)), int(found_inf), digest, -digest]
+                          + [int(h) for h in has_grad])
     any_failure, any_nonfinite, any_inf = flags[:3]
-    agreed = [bool(h) for h in flags[3:]]
+    agreed = [bool(h) for h in flags[5:]]
+    if flags[3] != -flags[4]:  # max and min of the digests differ
+        everyone = comm.allgather_obj(hyperparameters)
+        raise ValueError("ranks disagree on the hyper-parameters of this step (" + "; ".join(
+            f"rank {r}: {h}" for r, h in enumerate(everyone)) + "); change them alike on every rank")
     error = None
     if any_failure or any_nonfinite:
         reports = comm.allgather_obj((list(nonfinite), None if failure is None else f"{type(failure).__name__}: {failure}"))

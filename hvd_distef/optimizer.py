@@ -10,6 +10,7 @@ kept aside by ``untouched``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import time
@@ -271,25 +272,27 @@ class DistributedOptimizer(torch.optim.SGD):
 
     # --- the step: worker side and exchange -----------------------------------------------------------
     def _synchronize(self, expose: bool) -> None:
-        if self._synchronized:
-            return
-        self._synchronized = True
+        if not self._synchronized:
+            self._exchanged = self._exchange(expose)  # an error leaves this optimizer as it was
+            self._synchronized = True
+
+    def _exchange(self, expose: bool) -> _Exchanged:
+        nothing = _Exchanged(None, [], False, skipped=True)
         if self._is_state_initialization():
-            self._exchanged = _Exchanged(None, [], False, skipped=True)
-            return
+            return nothing
         failure, has_grad, nonfinite = None, self._layout.has_grad(), []
         try:
             nonfinite = self._fuse_gradients()
         except (ValueError, RuntimeError) as exc:  # told to every rank below, instead of a hang
             failure = exc
-        decision = agreement.agree_on_step(self.comm, has_grad, failure, nonfinite, self._amp_found_inf())
+        decision = agreement.agree_on_step(self.comm, has_grad, failure, nonfinite, self._amp_found_inf(),
+                                           self._hyperparameters()["param_groups"])
         self._backward_passes = 0
         if decision.found_inf or (decision.nonfinite is not None and not expose):
             if not decision.found_inf and self.nonfinite == "raise":
                 raise decision.nonfinite
             self._skipped_steps += 1
-            self._exchanged = _Exchanged(None, [], False, skipped=True)
-            return
+            return nothing
         if decision.nonfinite is not None:
             # Horovod's meaning: after synchronize() every rank's p.grad holds the non-finite values,
             # so that GradScaler.unscale_ finds them on every rank (the AMP recipe skips the step and
@@ -297,16 +300,14 @@ class DistributedOptimizer(torch.optim.SGD):
             for p, h in zip(self._layout.params, decision.has_grad):
                 if h:
                     p.grad = torch.full_like(p, float("nan"))
-            self._exchanged = _Exchanged(None, [], False, skipped=True, nonfinite=decision.nonfinite)
-            return
+            return nothing._replace(nonfinite=decision.nonfinite)
         if not any(decision.has_grad):  # torch's SGD: a step with no gradients changes nothing
-            self._exchanged = _Exchanged(None, [], False, skipped=True)
-            return
+            return nothing
         update, untouched = {"ef": self._exchange_ef, "signum": self._exchange_signum,
                              "sgd": self._exchange_sgd}[self._rule](decision.has_grad)
         if expose and update is not None:
             self._layout.write_grads(update, decision.has_grad)
-        self._exchanged = _Exchanged(update, untouched, expose and update is not None, skipped=False)
+        return _Exchanged(update, untouched, expose and update is not None, skipped=False)
 
     def _is_state_initialization(self) -> bool:
         """horovod.torch's ``broadcast_optimizer_state`` calls step() once on a fresh optimizer with
@@ -343,6 +344,9 @@ class DistributedOptimizer(torch.optim.SGD):
                              f"step(), more than backward_passes_per_step={self.backward_passes_per_step}; raise "
                              f"it, call step() more often, or zero_grad() between")
         self._check_hyperparameters()
+        moved = [n for n, p in zip(self._layout.names, self._layout.params) if p.dtype != torch.float32]
+        if moved:
+            raise ValueError(f"{', '.join(moved)} is no longer float32 (the fused buffer is float32)")
         grad = self._layout.gather(self._grad)
         scale = getattr(self, "grad_scale", None)
         if scale is not None:  # torch's unscale: multiply by the float32 reciprocal computed in double
@@ -522,6 +526,8 @@ class DistributedOptimizer(torch.optim.SGD):
         """Our part of ``state_dict`` (None for a plain torch/Horovod SGD checkpoint under ``allreduce``),
         after checking that all of it fits this optimizer (nothing is changed)."""
         sizes = [len(g["params"]) for g in state_dict.get("param_groups", [])]
+        if self._rule == "sgd":
+            self._check_torch_state(state_dict.get("state", {}))
         if "distef" not in state_dict:
             if self._rule == "sgd" and sizes == [len(g["params"]) for g in self.param_groups]:
                 return None
@@ -540,6 +546,32 @@ class DistributedOptimizer(torch.optim.SGD):
             if saved_buf is not None and saved_buf.shape != (self.numel,):
                 raise ValueError(f"the checkpoint's {name} has {saved_buf.numel()} elements, this run {self.numel}")
         if self._worker_memory is not None:
-            self._worker_memory.check_state(ours["worker_error"])
-        self.topology.check_state(ours["topology"])
+            self._worker_memory.check_state(ours.get("worker_error"))
+        self.topology.check_state(ours.get("topology", {}))
+        for key in ("steps", "skipped_steps"):
+            if not isinstance(ours.get(key), int) or ours[key] < 0:
+                raise ValueError(f"the checkpoint's {key} is {ours.get(key)!r}, not a count")
+        for key, compressor in (("worker_compressor", self._worker_compressor),
+                                ("server_compressor", self.topology.compressor)):
+            saved = ours.get(key)
+            if not isinstance(saved, dict) or set(saved) != set(compressor.state_dict()):
+                raise ValueError(f"the checkpoint's {key} state {saved!r} does not fit {compressor!r}")
+            try:
+                copy.deepcopy(compressor).load_state_dict(saved)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"the checkpoint's {key} state does not load: {exc}") from exc
         return ours
+
+    def _check_torch_state(self, state: dict) -> None:
+        """torch's per-parameter state (by index over the groups) must fit the parameters' shapes."""
+        everything = [p for g in self.param_groups for p in g["params"]]
+        for index, entries in state.items():
+            if not isinstance(index, int) or not 0 <= index < len(everything):
+                raise ValueError(f"the checkpoint has state for parameter {index!r}, this optimizer has "
+                                 f"{len(everything)} parameters")
+            p = everything[index]
+            for name, value in entries.items():
+                if torch.is_tensor(value) and value.shape != p.shape:
+                    raise ValueError(f"the checkpoint's {name} of parameter {index} "
+                                     f"({self._parameter_names[p]}) has shape {tuple(value.shape)}, the "
+                                     f"parameter {tuple(p.shape)}: it comes from another model")

@@ -496,25 +496,94 @@ def ranks_that_disagree_raise_on_every_rank():
     return "raised everywhere: " + ", ".join(out)
 
 
+def _damaged(checkpoint, damage):
+    damaged = roundtrip(checkpoint)
+    damage(damaged)
+    damaged["param_groups"][0]["lr"] = 123.0
+    return damaged
+
+
+def _swap_first_two_momenta(ck):
+    state = ck["state"]
+    state[0]["momentum_buffer"], state[1]["momentum_buffer"] = state[1]["momentum_buffer"], state[0]["momentum_buffer"]
+
+
+DAMAGE = {
+    "another topology": ("ps", "blocksign", lambda ck: ck.update(_checkpointed("sharded", "blocksign")[1].state_dict())),
+    "no step count": ("ps", "randomk", lambda ck: ck["distef"].pop("steps")),
+    "no skipped count": ("sharded", "blocksign", lambda ck: ck["distef"].pop("skipped_steps")),
+    "bogus compressor stream": ("ps", "randomk", lambda ck: ck["distef"].update(worker_compressor={"bogus": 1})),
+    "no server compressor": ("sharded", "blocksign", lambda ck: ck["distef"].update(server_compressor=None)),
+    "swapped momenta": ("allreduce", "none", _swap_first_two_momenta),
+}
+
+
 def rejected_checkpoint_changes_nothing():
-    """load_state_dict validates everything first: a checkpoint from another topology leaves the
-    hyper-parameters and state as they were, and training goes on."""
-    _, other = _checkpointed("sharded", "blocksign")
-    checkpoint = other.state_dict()
-    checkpoint["param_groups"][0]["lr"] = 123.0
-    model, opt = _checkpointed("ps", "blocksign")
-    before = (opt.param_groups[0]["lr"], _state(opt))
-    try:
-        opt.load_state_dict(checkpoint)
-    except ValueError:
-        after = _state(opt)
-        assert opt.param_groups[0]["lr"] == before[0]
-        assert all(torch.equal(before[1][k], after[k]) for k in after)
+    """load_state_dict validates everything first: a checkpoint from another topology, or one with a
+    missing or damaged entry, raises ValueError and leaves the hyper-parameters and every buffer
+    as they were; training goes on."""
+    out = []
+    for what, (topology, compression, damage) in DAMAGE.items():
+        model, opt = _checkpointed(topology, compression)
+        checkpoint = _damaged(opt.state_dict(), damage)
         opt.zero_grad()
-        loss_of(model, RANK, 5).backward()
+        loss_of(model, RANK, 4).backward()
         opt.step()
-        return "rejected, nothing changed"
-    raise AssertionError("a checkpoint of another topology was accepted")
+        before = (opt.param_groups[0]["lr"], _state(opt), roundtrip(opt.state_dict()))
+        try:
+            opt.load_state_dict(checkpoint)
+        except ValueError as exc:
+            after = roundtrip(opt.state_dict())
+            assert opt.param_groups[0]["lr"] == before[0], what
+            assert all(torch.equal(before[1][k], v) for k, v in _state(opt).items()), what
+            assert after["distef"]["steps"] == before[2]["distef"]["steps"], what
+            assert after["distef"]["worker_compressor"] == before[2]["distef"]["worker_compressor"], what
+            opt.zero_grad()
+            loss_of(model, RANK, 5).backward()
+            opt.step()
+            out.append(f"{what}: {str(exc)[:60]}")
+            continue
+        raise AssertionError(f"a checkpoint with {what} was accepted")
+    return "; ".join(out)
+
+
+def an_error_leaves_the_next_step_intact():
+    """After step() raised on every rank (a NaN on one rank, too many backward passes, hyper-parameters
+    changed on one rank, a parameter cast to float64 on one rank), the next step is a whole step:
+    x = 0 − 0.1·1 exactly."""
+    out = []
+    for topology, compression in (("ps", "none"), ("allreduce", "none"), ("sharded", "none")):
+        for fault in ("nan", "passes", "lr", "float64"):
+            p = torch.nn.Parameter(torch.zeros(4))
+            opt = hvd_distef.DistributedOptimizer(torch.optim.SGD([p], lr=0.1), named_parameters=[("p", p)],
+                                                  compression=compression, topology=topology)
+            p.grad = torch.ones(4)
+            if fault == "nan" and RANK == 1:
+                p.grad[0] = float("nan")
+            if fault == "passes":
+                for _ in range(2):
+                    (p * 1.0).sum().backward()
+            if fault == "lr" and RANK == 1:
+                opt.param_groups[0]["lr"] = 0.2
+            if fault == "float64" and RANK == 1:
+                p.data = p.data.double()
+                p.grad = torch.ones(4, dtype=torch.float64)
+            try:
+                opt.step()
+            except (ValueError, hvd_distef.HvdDistefError) as exc:
+                assert "rank 1" in str(exc) or fault == "passes" or RANK == 1, (fault, str(exc))
+            else:
+                raise AssertionError(f"{topology}, {fault}: no error")
+            assert torch.equal(p.detach().float(), torch.zeros(4)), (topology, fault)
+            opt.param_groups[0]["lr"] = 0.1
+            p.data = p.data.float()
+            opt.zero_grad()
+            p.grad = torch.ones(4)
+            opt.step()
+            assert torch.equal(p.detach(), torch.full((4,), -0.1)), (topology, fault, p)
+            assert opt.comm_stats()["steps"] == 1
+        out.append(topology)
+    return "whole next step: " + ", ".join(out)
 
 
 def gradient_clipping_recipe():
@@ -680,7 +749,7 @@ CASES = {f.__name__: f for f in [
     zero_lr_keeps_errors_and_rescales_by_last_nonzero, broadcast_optimizer_state_takes_no_step,
     grad_scaler_skips_on_every_rank, horovod_amp_recipe_skips_alike, stock_checkpoint_resumes_under_allreduce,
     fp16_on_the_wire_stays_finite, ranks_that_disagree_raise_on_every_rank,
-    rejected_checkpoint_changes_nothing, comm_subset_restricts_allreduce, gradient_clipping_recipe, synchronize_then_step_warns_once,
+    rejected_checkpoint_changes_nothing, an_error_leaves_the_next_step_intact, comm_subset_restricts_allreduce, gradient_clipping_recipe, synchronize_then_step_warns_once,
     horovod_arguments_accepted_or_refused, predivide_and_sum_under_allreduce_equal_stock_horovod,
     sparse_gradients_are_densified, step_hooks_run_once_per_step,
     many_optimizers_share_one_communicator_and_watchdog, user_compressor_with_arbitrary_attributes]}
