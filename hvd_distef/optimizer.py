@@ -29,7 +29,7 @@ from .fused import FusedLayout
 from .topologies import get_topology
 from .untouched import Untouched
 
-NONFINITE_POLICIES = ("raise", "skip")
+NONFINITE_POLICIES = ("raise", "skip", "propagate")
 #: horovod.torch's warning, word for word (scripts and tests look for it)
 SYNCHRONIZE_WARNING = ("optimizer.step() called without optimizer.skip_synchronize() context after "
                        "optimizer.synchronize(). This can cause training slowdown. You may want to consider "
@@ -68,8 +68,11 @@ class DistributedOptimizer(torch.optim.SGD):
             (see ``hvd_distef.horovod_args``).
         process_set: a Horovod process set: only its ranks exchange (a rank outside it trains alone).
         topology: one of ``hvd_distef.topologies.REGISTRY`` (``"ps"``, ``"allreduce"``, ...).
-        nonfinite: ``"raise"`` (every rank raises ``NonFiniteGradientError`` before touching any
-            buffer) or ``"skip"`` (the step is skipped on every rank and counted).
+        nonfinite: what a NaN or inf gradient on some rank does: ``"raise"`` (every rank raises
+            ``NonFiniteGradientError`` before touching any buffer; the default under error feedback,
+            where a NaN in an error memory would stay for good), ``"skip"`` (the step is skipped on
+            every rank and counted) or ``"propagate"`` (``allreduce`` only, and its default: the
+            NaN reaches every rank's p.grad and parameters, as in torch and Horovod).
         comm: an mpi4py communicator to use instead of ``MPI.COMM_WORLD`` (duplicated once per process).
         timeout_s: abort the job when one of our collectives waits longer than this (a dead or hung
             peer); default: the HVD_DISTEF_TIMEOUT_S environment variable, else 300 s.
@@ -86,7 +89,7 @@ class DistributedOptimizer(torch.optim.SGD):
                  compression=Compression.blocksign, backward_passes_per_step: int = 1, op=None,
                  gradient_predivide_factor: float = 1.0, num_groups: int = 0, groups=None,
                  sparse_as_dense: bool = False, process_set=None, *, topology: str = "ps",
-                 nonfinite: str = "raise", comm=None, timeout_s: Optional[float] = None):
+                 nonfinite: Optional[str] = None, comm=None, timeout_s: Optional[float] = None):
         failure = None
         try:
             topology_cls = self._configure(optimizer, named_parameters, compression, topology,
@@ -108,7 +111,7 @@ class DistributedOptimizer(torch.optim.SGD):
             raise TypeError(f"hvd_distef.DistributedOptimizer wraps torch.optim.SGD (the algorithm of SPEC §1 "
                             f"is SGD with momentum), got {type(optimizer).__name__}")
         self._check_passes(backward_passes_per_step)
-        if nonfinite not in NONFINITE_POLICIES:
+        if nonfinite is not None and nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self._building = True
         super().__init__(optimizer.param_groups, **optimizer.defaults)  # the same group dicts (SPEC §5a)
@@ -118,6 +121,11 @@ class DistributedOptimizer(torch.optim.SGD):
         self._topology_name = topology
         self._rule = topology_cls.update_rule
         self.backward_passes_per_step = int(backward_passes_per_step)
+        if nonfinite is None:
+            nonfinite = "propagate" if self._rule == "sgd" else "raise"
+        if nonfinite == "propagate" and self._rule != "sgd":
+            raise ValueError(f"nonfinite='propagate' is for topology='allreduce': under {topology!r} a NaN would "
+                             f"stay in the error memories for good; use 'raise' or 'skip'")
         self.nonfinite = nonfinite
         self._layout = FusedLayout(self.param_groups, named_parameters)
         self._parameter_names = self._layout.names_by_param  # horovod.torch's attribute
@@ -288,12 +296,12 @@ class DistributedOptimizer(torch.optim.SGD):
         decision = agreement.agree_on_step(self.comm, has_grad, failure, nonfinite, self._amp_found_inf(),
                                            self._hyperparameters()["param_groups"])
         self._backward_passes = 0
-        if decision.found_inf or (decision.nonfinite is not None and not expose):
+        if decision.found_inf or (decision.nonfinite is not None and not expose and self.nonfinite != "propagate"):
             if not decision.found_inf and self.nonfinite == "raise":
                 raise decision.nonfinite
             self._skipped_steps += 1
             return nothing
-        if decision.nonfinite is not None:
+        if decision.nonfinite is not None and self.nonfinite != "propagate":
             # Horovod's meaning: after synchronize() every rank's p.grad holds the non-finite values,
             # so that GradScaler.unscale_ finds them on every rank (the AMP recipe skips the step and
             # backs off alike); nothing was exchanged and step() raises unless AMP skips it
@@ -417,6 +425,9 @@ class DistributedOptimizer(torch.optim.SGD):
                 raise done.nonfinite
             self._skipped_steps += 1
         if done is None or done.skipped:
+            return
+        if self._amp_found_inf():  # GradScaler.unscale_ after synchronize() found an inf
+            self._skipped_steps += 1
             return
         if self._rule == "sgd":
             self._sgd_update()

@@ -370,7 +370,8 @@ def horovod_amp_recipe_skips_alike():
     """Horovod's AMP recipe (synchronize(); scaler.unscale_(opt); with skip_synchronize(): scaler.step(opt))
     with the stock torch.amp.GradScaler and an inf on rank 1 only: every rank skips, the scales stay
     equal, and under `allreduce` everything is bit for bit stock Horovod's. Without a scaler the same
-    synchronize() makes step() raise NonFiniteGradientError on every rank, nothing updated."""
+    synchronize() makes step() raise NonFiniteGradientError on every rank, nothing updated, under error
+    feedback (or nonfinite="raise"); under `allreduce` the NaN propagates as in stock Horovod."""
     out = []
     for flavour in ("stock", "allreduce", "ps"):
         model = make_model()
@@ -393,9 +394,13 @@ def horovod_amp_recipe_skips_alike():
         assert len(set(scales)) == 1 and scales[0] == 2.0 ** 9, (flavour, scales)
         out.append(flat(model.parameters()))
     assert torch.equal(out[0], out[1]), "allreduce differs from stock Horovod"
-    for topology, compression in (("allreduce", "none"), ("ps", "blocksign")):
+    nan_runs = []
+    for flavour, kw in (("stock", None), ("allreduce", {}), ("allreduce", {"nonfinite": "raise"}), ("ps", {})):
         model = make_model()
-        opt = wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), compression=compression, topology=topology)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt = (hvd.DistributedOptimizer(sgd, named_parameters=model.named_parameters()) if kw is None
+               else wrap(model, sgd, compression="none" if flavour == "allreduce" else "blocksign", topology=flavour,
+                         **kw))
         before = flat(model.parameters()).clone()
         opt.zero_grad()
         loss_of(model, RANK, 0).backward()
@@ -406,11 +411,16 @@ def horovod_amp_recipe_skips_alike():
             with opt.skip_synchronize():
                 opt.step()
         except hvd_distef.NonFiniteGradientError as exc:
+            assert flavour == "ps" or kw, f"{flavour} {kw} raised"
             assert "rank 1: 0.weight" in str(exc), str(exc)
             assert torch.equal(before, flat(model.parameters()))
             continue
-        raise AssertionError(f"{topology}: no error for a NaN gradient after synchronize()")
-    return "skipped alike, scales equal; raised without a scaler"
+        assert kw is None or (flavour == "allreduce" and not kw), f"{flavour} {kw}: no error for a NaN gradient"
+        nan_runs.append(flat(model.parameters()).clone())
+    # allreduce's default (torch's and Horovod's meaning): the NaN reaches every rank's parameters alike
+    stock, ours = nan_runs
+    assert bool(torch.isnan(ours).any()) and torch.equal(stock.nan_to_num(nan=7.0), ours.nan_to_num(nan=7.0))
+    return "skipped alike, scales equal; without a scaler NaN propagates (allreduce) or raises (ps, 'raise')"
 
 
 def stock_checkpoint_resumes_under_allreduce():
@@ -556,7 +566,7 @@ def an_error_leaves_the_next_step_intact():
         for fault in ("nan", "passes", "lr", "float64"):
             p = torch.nn.Parameter(torch.zeros(4))
             opt = hvd_distef.DistributedOptimizer(torch.optim.SGD([p], lr=0.1), named_parameters=[("p", p)],
-                                                  compression=compression, topology=topology)
+                                                  compression=compression, topology=topology, nonfinite="raise")
             p.grad = torch.ones(4)
             if fault == "nan" and RANK == 1:
                 p.grad[0] = float("nan")
