@@ -361,17 +361,16 @@ class DistributedOptimizer(torch.optim.SGD):
             grad.mul_(scale.double().reciprocal().float())
         return self._layout.nonfinite(grad)
 
-    def _untouched(self, has_grad: List[bool]) -> List[Untouched]:
+    def _untouched(self, idle: List[Tuple[int, int]], params: List[torch.Tensor]) -> List[Untouched]:
         """Idle parameters keep everything; groups at lr = 0 keep their errors (SPEC §5a)."""
-        idle, params = self._layout.idle(has_grad)
         memories = [(self._worker_memory, 0), (self.topology.server_memory, self.topology.server_start)]
         still = [bounds for bounds, g in zip(self._layout.group_bounds, self.param_groups) if g["lr"] == 0]
         return [Untouched(idle, [self._momentum, self._wd_buffer], memories, params), Untouched(still, (), memories)]
 
     def _exchange_ef(self, has_grad: List[bool]):
         """SPEC §1: worker momentum and error feedback, the topology's exchange (server step inside)."""
-        untouched = self._untouched(has_grad)
-        idle, _ = self._layout.idle(has_grad)
+        idle, params = self._layout.idle(has_grad)
+        untouched = self._untouched(idle, params)
         segments = lr_ratio_segments(self._layout.group_bounds, [g["prev_lr"] for g in self.param_groups],
                                      [g["lr"] for g in self.param_groups], idle)
         d = self._nesterov_direction(self._grad)
@@ -392,7 +391,7 @@ class DistributedOptimizer(torch.optim.SGD):
 
     def _exchange_signum(self, has_grad: List[bool]):
         """Signum with majority vote: m = μ·m + (1−μ)·g; vote = sign(Σ sign(m_i))."""
-        untouched = self._untouched(has_grad)[:1]
+        untouched = self._untouched(*self._layout.idle(has_grad))
         grad = self._grad
         for (start, stop), group in zip(self._layout.group_bounds, self.param_groups):
             mu = group["momentum"]

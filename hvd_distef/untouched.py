@@ -14,8 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .error_feedback import ErrorMemory
-
-Range = Tuple[int, int]
+from .fused import Range
 
 
 class Untouched:
