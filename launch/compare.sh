@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Runs the same training under several methods, topologies and rank counts, then the report.
 #
-#   launch/compare.sh [--methods "sgdm ef-blocksgdm signum"] [--topologies "ps sharded"] [--np "2 4"]
+#   launch/compare.sh [--methods "horovod sgdm ef-blocksgdm signum"] [--topologies "ps sharded"] [--np "2 4"]
 #                     [--launcher mpirun|horovodrun] [--out runs/compare] [-- TRAIN_ARGS...]
 #
+# A method may name its compression after a colon: horovod:fp16 is stock Horovod with hvd.Compression.fp16.
+# horovod is the real hvd.DistributedOptimizer (allreduce overlapping backward); sgdm is ours, fused after it.
 # --topologies applies to the error-feedback methods (ef-*); the baselines keep theirs.
 # TRAIN_ARGS go to every `python -m hvd_distef.train` (e.g. --data digits --epochs 30).
 # Environment: PYTHON (default .venv/bin/python), MPIEXEC (default mpirun), TIMEOUT per run (s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-methods="sgdm ef-blocksgdm signum"
+methods="horovod sgdm ef-blocksgdm signum"
 topologies=""
 nps="2"
 launcher="mpirun"
@@ -23,7 +25,7 @@ while [ $# -gt 0 ]; do
     --launcher) launcher="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -46,13 +48,17 @@ launch() {  # launch NP ARGS...
 
 runs=()
 for np in $nps; do
-  for method in $methods; do
+  for entry in $methods; do
+    method=${entry%%:*}
+    label=$method
+    compression=()
+    if [ "$entry" != "$method" ]; then label="$method-${entry#*:}"; compression=(--compression "${entry#*:}"); fi
     variants="-"
     case "$method" in ef-*) [ -n "$topologies" ] && variants="$topologies" ;; esac
     for topo in $variants; do
-      name="$method-np$np"
-      extra=()
-      if [ "$topo" != "-" ]; then name="$method-$topo-np$np"; extra=(--topology "$topo"); fi
+      name="$label-np$np"
+      extra=("${compression[@]}")
+      if [ "$topo" != "-" ]; then name="$label-$topo-np$np"; extra+=(--topology "$topo"); fi
       echo "=== $name"
       launch "$np" -m hvd_distef.train --method "$method" "${extra[@]}" --log-dir "$out/$name" "$@"
       runs+=("$out/$name")

@@ -34,7 +34,7 @@ if [ ! -x "$PY" ]; then
 fi
 
 # Stamp: reinstall the Python dependencies only when this script's pinned set changes.
-DEPS="torch==$TORCH_VERSION numpy mpi4py pytest pytest-timeout tqdm matplotlib scikit-learn pybind11 cloudpickle psutil pyyaml packaging setuptools wheel"
+DEPS="torch==$TORCH_VERSION numpy mpi4py pytest pytest-timeout tqdm matplotlib scikit-learn mlxtend pybind11 cloudpickle psutil pyyaml packaging setuptools wheel"
 STAMP=$VENV/.hvd_distef_deps
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$DEPS" ]; then
   say "installing Python dependencies into $VENV"

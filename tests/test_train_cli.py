@@ -30,10 +30,47 @@ def test_each_method_trains_on_two_ranks(method, tmp_path):
     assert epoch["method"] == method and epoch["ranks"] == 2 and epoch["steps"] == 256 // 32
     assert 0 <= epoch["test_accuracy"] <= 1 and np.isfinite(epoch["train_loss"])
     d = json.loads((tmp_path / "config.json").read_text())["params"]
-    expected = {  # rank 0's bytes per step, SPEC §3 (mlp: 4 tensors)
-        "sgdm": 2 * (2 - 1) / 2 * 4 * d, "ef-blocksgdm": -(-d // 8) + 4 * 4, "ef-sgdm": -(-d // 8) + 4,
+    expected = {  # rank 0's bytes per step, SPEC §3 (mlp: 4 tensors); horovod's are the formula itself
+        "sgdm": 2 * (2 - 1) / 2 * 4 * d, "horovod": 2 * (2 - 1) / 2 * 4 * d, "ef-blocksgdm": -(-d // 8) + 4 * 4, "ef-sgdm": -(-d // 8) + 4,
         "ef-allgather": -(-d // 8) + 4 * 4, "signum": 2 * -(-d // 8)}[method]
     assert epoch["bytes_sent_per_step"] == pytest.approx(expected)
+
+
+def test_horovod_and_sgdm_train_bit_for_bit_alike(tmp_path):
+    """Stock hvd.DistributedOptimizer (per-tensor allreduce overlapping backward) and ours under
+    topology allreduce (one fused allreduce after backward) compute (g_0 + g_1)/2 elementwise on 2
+    ranks whatever the fusion, then torch's SGD: the same parameters, momentum and metrics, bit for
+    bit, and the same metrics schema (Horovod's bytes computed, ours measured)."""
+    runs = {}
+    for method in ("horovod", "sgdm"):
+        run_mpi(2, ["-m", "hvd_distef.train", "--method", method, "--epochs", "2", "--checkpoint-every", "2",
+                    "--lr-decay-epochs", "1", "--log-dir", tmp_path / method, *TINY])
+        runs[method] = read_metrics(tmp_path / method)
+    hv, ours = runs["horovod"], runs["sgdm"]
+    assert [e.keys() for e in hv] == [e.keys() for e in ours]
+    for key in ("train_loss", "test_accuracy", "bytes_sent_per_step", "bytes_received_per_step", "lr"):
+        assert [e[key] for e in hv] == [e[key] for e in ours], key
+    assert {e["bytes_source"] for e in hv} == {"computed"} and {e["bytes_source"] for e in ours} == {"measured"}
+    assert all(e["comm_time_s"] is None for e in hv) and all(e["comm_time_s"] > 0 for e in ours)
+    for rank in (0, 1):
+        a = torch.load(tmp_path / "horovod" / "checkpoint" / f"rank{rank}.pt", weights_only=False)
+        b = torch.load(tmp_path / "sgdm" / "checkpoint" / f"rank{rank}.pt", weights_only=False)
+        assert a["model"].keys() == b["model"].keys()
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), k
+        sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+        assert sa.keys() == sb.keys() and len(sa) == 4
+        for i in sa:
+            assert torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]), i
+
+
+def test_horovod_fp16_sends_half_the_bytes(tmp_path):
+    run_mpi(2, ["-m", "hvd_distef.train", "--method", "horovod", "--compression", "fp16", "--epochs", "1",
+                "--log-dir", tmp_path, *TINY])
+    [epoch] = read_metrics(tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())["params"]
+    assert epoch["compression"] == "fp16" and epoch["bytes_sent_per_step"] == 2 * (2 - 1) / 2 * 2 * d
+    assert epoch["test_accuracy"] > 0.3  # 8 steps of 2 x 16 digits; chance is 0.1
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -51,7 +88,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         for k in ("momentum", "worker_error", "weight_decay_buffer"):
             assert torch.equal(a["optimizer"]["distef"][k], b["optimizer"]["distef"][k]), k
         ta, tb = a["optimizer"]["distef"]["topology"], b["optimizer"]["distef"]["topology"]
-        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+        assert len(ta) == len(tb) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                          for x, y in zip(ta, tb))
     whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
     assert [e["test_accuracy"] for e in whole] == [e["test_accuracy"] for e in split]
     assert [e["lr"] for e in split] == pytest.approx([0.1, 0.1, 0.01, 0.01])
@@ -114,12 +152,13 @@ def test_resnet_on_cifar_files_two_ranks(tmp_path):
     assert epoch["steps"] == 80 // (2 * 8) and epoch["bytes_sent_per_step"] > 0
 
 
-def fixture_run(root, name, method, accs, sent):
+def fixture_run(root, name, method, accs, sent, comm_time_s=0.5, bytes_source="measured"):
     d = root / name
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps({"method": method, "topology": "t", "compression": "c", "ranks": 2}))
     lines = [{"epoch": i + 1, "test_accuracy": a, "wall_time_s": 2.0 * (i + 1), "step_time_s": 0.01,
-              "comm_time_s": 0.5, "bytes_sent_per_step": sent, "max_bytes_sent_per_step": sent}
+              "comm_time_s": comm_time_s, "bytes_sent_per_step": sent, "max_bytes_sent_per_step": sent,
+              "bytes_source": bytes_source}
              for i, a in enumerate(accs)]
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return d
@@ -139,12 +178,31 @@ def test_report_on_fixture_logs(tmp_path, capsys):
     assert "| b | ef-blocksgdm |" in out and "1/32.0" in out
 
 
+def test_report_takes_horovod_as_the_baseline(tmp_path, capsys):
+    """With a horovod run present, it sets the default target (99% of its best) and the byte ratio,
+    and its bytes are marked computed, its comm share n/a."""
+    runs = [fixture_run(tmp_path, "ours", "sgdm", [0.5, 0.99], 3200.0),
+            fixture_run(tmp_path, "hv", "horovod", [0.6, 0.9], 6400.0, comm_time_s=None, bytes_source="computed"),
+            fixture_run(tmp_path, "ef", "ef-blocksgdm", [0.895, 0.95], 200.0)]
+    assert report.main([str(r) for r in runs] + ["--out", str(tmp_path / "rep")]) == 0
+    rows = {r["run"]: r for r in json.loads((tmp_path / "rep" / "summary.json").read_text())}
+    assert rows["hv"]["time_to_target_s"] == 4.0 and rows["ef"]["time_to_target_s"] == 2.0  # target 0.891
+    assert rows["ef"]["bytes_vs_sgdm"] == pytest.approx(1 / 32) and rows["ours"]["bytes_vs_sgdm"] == 0.5
+    assert rows["hv"]["bytes_computed"] and not rows["ef"]["bytes_computed"] and rows["hv"]["comm_share"] is None
+    out = capsys.readouterr().out
+    assert "time to 89.1%" in out
+    assert "| 6,400 (computed) | 6,400 (computed) | 1/1.0 |" in out and "| n/a |" in out
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--method", "nope"], "invalid choice: 'nope'"),
     (["--batch-size", "0"], "must be a positive integer"),
     (["--data", "cifar10"], "needs --data-dir"),
     (["--data", "cifar10", "--data-dir", "/nonexistent"], "is not a folder"),
     (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
+    (["--method", "horovod", "--topology", "ps"], "--method horovod is Horovod's own allreduce"),
+    (["--method", "horovod", "--compression", "blocksign"], "--method horovod takes none or fp16"),
+    (["--method", "horovod", "--block-size", "64"], "--block-size is for blocksign"),
 ])
 def test_bad_flags_one_line_exit_2(argv, message):
     proc = subprocess.run([sys.executable, "-m", "hvd_distef.train", *argv], cwd=ROOT, env=mpi_env(),

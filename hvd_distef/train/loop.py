@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from .. import Compression, DistributedOptimizer
 from ..errors import HvdDistefError
+from .cli import HOROVOD_COMPRESSION, METHODS
 from .data import Dataset, load
 from .models import build
 
@@ -80,14 +81,47 @@ def load_checkpoint(hvd, path: Path, ranks: int) -> dict:
     return state
 
 
-def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> DistributedOptimizer:
+def build_optimizer(hvd, args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.SGD:
+    """torch's SGD wrapped in Horovod's DistributedOptimizer (``--method horovod``) or in ours."""
     sgd = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
                           weight_decay=args.weight_decay)
+    if METHODS[args.method].get("optimizer") == "horovod":
+        compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}[args.compression]
+        return hvd.DistributedOptimizer(sgd, named_parameters=model.named_parameters(), compression=compression)
     compression = args.compression
     if args.block_size:
         compression = Compression.blocksign(block_size=args.block_size)
     return DistributedOptimizer(sgd, named_parameters=model.named_parameters(), compression=compression,
                                 topology=args.topology)
+
+
+class Traffic:
+    """Bytes per step and seconds per epoch of the exchange. Ours are measured by ``Comm``
+    (``opt.comm_stats()``); Horovod exposes no counters, so for ``--method horovod`` the bytes are
+    SPEC §3's ring-allreduce volume, 2·(M−1)/M·(4 or 2 bytes)·d sent and as many received per rank
+    per step (d: the trainable parameters), computed, not measured, and its seconds are None (its
+    allreduce runs in Horovod's background thread, overlapping backward)."""
+
+    def __init__(self, opt: torch.optim.SGD, args: argparse.Namespace, model: torch.nn.Module, ranks: int):
+        self.opt = opt
+        self.computed = METHODS[args.method].get("optimizer") == "horovod"
+        d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.ring_bytes = 2 * (ranks - 1) / ranks * HOROVOD_COMPRESSION.get(args.compression, 4) * d
+        self.before = None
+
+    def start_epoch(self) -> None:
+        self.before = None if self.computed else self.opt.comm_stats()
+
+    def end_epoch(self, steps: int) -> dict:
+        """bytes_sent/received per step, comm/compress seconds of the epoch and where the bytes came from."""
+        if self.computed:
+            return {"bytes_sent_per_step": self.ring_bytes, "bytes_received_per_step": self.ring_bytes,
+                    "comm_time_s": None, "compress_time_s": None, "bytes_source": "computed"}
+        after, before = self.opt.comm_stats(), self.before
+        return {"bytes_sent_per_step": (after["bytes_sent"] - before["bytes_sent"]) / steps,
+                "bytes_received_per_step": (after["bytes_received"] - before["bytes_received"]) / steps,
+                "comm_time_s": after["exchange_time_s"] - before["exchange_time_s"],
+                "compress_time_s": after["compress_time_s"] - before["compress_time_s"], "bytes_source": "measured"}
 
 
 def train(args: argparse.Namespace) -> Tuple[float, float]:
@@ -102,7 +136,8 @@ def train(args: argparse.Namespace) -> Tuple[float, float]:
         raise HvdDistefError(f"{len(data.train_y)} training examples are fewer than {ranks} ranks x batch size "
                              f"{args.batch_size}: lower --batch-size or use more data")
     model = build(args.model, data.in_shape, data.num_classes)
-    opt = build_optimizer(args, model)
+    opt = build_optimizer(hvd, args, model)
+    traffic = Traffic(opt, args, model, ranks)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, LrSchedule(steps, args.warmup_epochs, args.lr_decay_epochs, args.lr_decay_factor, ranks))
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -129,7 +164,7 @@ def train(args: argparse.Namespace) -> Tuple[float, float]:
 
     accuracy = 0.0
     for epoch in range(start_epoch, args.epochs):
-        before = opt.comm_stats()
+        traffic.start_epoch()
         start = time.perf_counter()
         loss_sum = 0.0
         batches = data.train_batches(rank, ranks, args.batch_size, epoch, args.seed)
@@ -145,18 +180,14 @@ def train(args: argparse.Namespace) -> Tuple[float, float]:
         wall += seconds
         accuracy = evaluate(hvd, model, data, rank, ranks)
         best = max(best, accuracy)
-        after = opt.comm_stats()
-        per_step = {k: (after[k] - before[k]) / steps for k in ("bytes_sent", "bytes_received")}
-        sent_by_rank = hvd.allgather_object(per_step["bytes_sent"])
+        exchange = traffic.end_epoch(steps)
+        sent_by_rank = hvd.allgather_object(exchange["bytes_sent_per_step"])
         train_loss = hvd.allreduce(torch.tensor(loss_sum / steps), op=hvd.Average, name="hvd_distef.train.loss")
         record = {
             "epoch": epoch + 1, "method": args.method, "topology": args.topology, "compression": args.compression,
             "model": args.model, "data": args.data, "ranks": ranks, "steps": steps,
             "train_loss": train_loss.item(), "test_accuracy": accuracy, "epoch_time_s": seconds,
-            "wall_time_s": wall, "step_time_s": seconds / steps,
-            "comm_time_s": after["exchange_time_s"] - before["exchange_time_s"],
-            "compress_time_s": after["compress_time_s"] - before["compress_time_s"],
-            "bytes_sent_per_step": per_step["bytes_sent"], "bytes_received_per_step": per_step["bytes_received"],
+            "wall_time_s": wall, "step_time_s": seconds / steps, **exchange,
             "max_bytes_sent_per_step": max(sent_by_rank), "lr": opt.param_groups[0]["lr"],
         }
         if rank == 0:
@@ -164,7 +195,8 @@ def train(args: argparse.Namespace) -> Tuple[float, float]:
                 f.write(json.dumps(record) + "\n")
             tqdm.write(f"epoch {epoch + 1:3d}/{args.epochs}  loss {record['train_loss']:.4f}  "
                        f"test acc {100 * accuracy:6.2f}%  {seconds:6.2f}s  "
-                       f"sent {per_step['bytes_sent']:,.0f} B/step  lr {record['lr']:.4g}")
+                       f"sent {record['bytes_sent_per_step']:,.0f} B/step ({exchange['bytes_source']})  "
+                       f"lr {record['lr']:.4g}")
         if args.checkpoint_every and (epoch + 1) % args.checkpoint_every == 0:
             save_checkpoint(checkpoint_path(args.log_dir, rank), {
                 "epoch": epoch + 1, "world_size": ranks, "rank": rank, "config": config,
