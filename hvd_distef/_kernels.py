@@ -1,10 +1,16 @@
-"""The hot loops in use: the compiled ``cpp_ops`` extension when it is built and the tensors are on
-the CPU, else the plain PyTorch path (``_torch_kernels``), with the same signatures and results.
+"""The hot loops in use, with the same signatures and results whichever runs them:
+
+- CPU tensors: the compiled ``cpp_ops`` extension when it is built;
+- CUDA tensors: the fused Triton kernels (``_triton_kernels``: the blocksign steps, decompression,
+  momentum and update) when Triton is installed, imported on the first CUDA call;
+- everything else (and whatever those do not cover: signum's vote): the plain PyTorch path
+  (``_torch_kernels``), which is also the reference the others are tested against.
 
 Set HVD_DISTEF_FORCE_TORCH=1 to use the torch path everywhere.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -15,8 +21,12 @@ from ._torch_kernels import Segments, compensate, unpack_signs  # noqa: F401  (n
 FORCE_TORCH_ENV = "HVD_DISTEF_FORCE_TORCH"
 
 
+def _forced_torch() -> bool:
+    return os.environ.get(FORCE_TORCH_ENV, "") not in ("", "0")
+
+
 def _load_compiled():
-    if os.environ.get(FORCE_TORCH_ENV, "") not in ("", "0"):
+    if _forced_torch():
         return None
     try:
         from . import _cpp_ops  # built by setup.py from cpp_ops/
@@ -28,8 +38,22 @@ def _load_compiled():
 compiled = _load_compiled()
 
 
+@functools.lru_cache(maxsize=None)
+def gpu_path():
+    """The kernels for CUDA tensors: ``_triton_kernels`` where Triton imports, else the torch path."""
+    if _forced_torch():
+        return torch_path
+    try:
+        from . import _triton_kernels
+    except ImportError:
+        return torch_path
+    return _triton_kernels
+
+
 def _pick(t: torch.Tensor):
-    return compiled if compiled is not None and t.device.type == "cpu" else torch_path
+    if t.device.type == "cpu":
+        return compiled if compiled is not None else torch_path
+    return gpu_path() if t.device.type == "cuda" else torch_path
 
 
 def blocksign_compress(x, block_sizes):
@@ -53,16 +77,21 @@ def blocksign_server_feedback(scales, bits, error, block_sizes, segments, prev_s
                                                   list(segments), prev_scales, prev_bits)
 
 
+def _compiled_or_torch(t: torch.Tensor):
+    """Signum's kernels have no Triton twin: cpp_ops on the CPU, else the torch path."""
+    return compiled if compiled is not None and t.device.type == "cpu" else torch_path
+
+
 def pack_signs(x):
-    return _pick(x).pack_signs(x)
+    return _compiled_or_torch(x).pack_signs(x)
 
 
 def majority_vote(rows, numel):
-    return _pick(rows).majority_vote(rows, numel)
+    return _compiled_or_torch(rows).majority_vote(rows, numel)
 
 
 def unpack_vote(vote, numel, out=None):
-    return _pick(vote).unpack_vote(vote, numel, out=out)
+    return _compiled_or_torch(vote).unpack_vote(vote, numel, out=out)
 
 
 def momentum_(grad, momentum, mu, nesterov):
@@ -70,6 +99,6 @@ def momentum_(grad, momentum, mu, nesterov):
 
 
 def descend_(params, delta, decay_buffer, lr, mu, weight_decay, nesterov):
-    # the compiled kernel reads each parameter in place: they must be contiguous
+    # the compiled and Triton kernels read each parameter in place: they must be contiguous
     path = _pick(delta) if all(p.is_contiguous() for p in params) else torch_path
     path.descend_(list(params), delta, decay_buffer, lr, mu, weight_decay, nesterov)

@@ -51,8 +51,9 @@ class Payload:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def to_bytes(self) -> torch.Tensor:
-        """The payload as one contiguous uint8 CPU tensor, fields in layout order."""
-        parts = [t.detach().contiguous().reshape(-1).view(torch.uint8).cpu() for t in self.tensors.values()]
+        """The payload as one contiguous uint8 tensor on its fields' device, fields in layout order
+        (``Comm`` stages CUDA bytes for MPI)."""
+        parts = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in self.tensors.values()]
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
 
     @classmethod

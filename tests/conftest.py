@@ -13,6 +13,18 @@ MPI_DIR = Path(__file__).resolve().parent / "mpi"
 MPI_TIMEOUT = int(os.environ.get("HVD_DISTEF_TEST_MPI_TIMEOUT", "240"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped, saying why, where torch sees no GPU."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU (torch.cuda.is_available() is False); scripts/gpu_check.sh "
+                                   "runs the cuda tests on a GPU machine")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 def mpi_env():
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMPI_MCA_rmaps_base_oversubscribe="1", PYTHONPATH=str(ROOT))
