@@ -47,3 +47,11 @@ def write_json(name: str, payload) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` prints it (the figures depend on it), or "unknown"."""
+    import subprocess
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                "unknown")
