@@ -6,8 +6,8 @@ a collective.
   failure anywhere, or any difference in the model, the options or the per-group
   hyper-parameters, raises on every rank.
 - At every step: one small allreduce (element-wise max of an int vector) carries a local failure
-  flag, a non-finite flag, AMP's found_inf, a digest of the step's hyper-parameters (and its
-  negation: max and min) and one has-a-gradient bit per parameter. The rare paths (a failure, a
+  flag, a non-finite flag, AMP's found_inf, a redo flag (``overlap``), a digest of the step's
+  hyper-parameters (and its negation: max and min) and one has-a-gradient bit per parameter. The rare paths (a failure, a
   non-finite gradient, different hyper-parameters) then allgather the details for the message.
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ class StepDecision(NamedTuple):
     has_grad: List[bool]       #: per parameter: some rank has a gradient for it
     found_inf: bool            #: AMP's GradScaler found an inf on some rank: skip, silently
     nonfinite: Optional[NonFiniteGradientError]  #: some rank has a NaN/inf gradient: what to raise
+    redo: bool = False         #: some rank's buckets exchanged during backward do not stand (overlap)
 
 
 def fingerprint(value) -> int:
@@ -51,21 +52,23 @@ def fingerprint(value) -> int:
 
 
 def agree_on_step(comm: Comm, has_grad: Sequence[bool], failure: Optional[Exception],
-                  nonfinite: Sequence[str], found_inf: bool, hyperparameters: List[dict]) -> StepDecision:
+                  nonfinite: Sequence[str], found_inf: bool, hyperparameters: List[dict],
+                  redo: bool = False) -> StepDecision:
     """One collective decision per step, before any buffer changes.
 
     ``failure``: this rank's local preparation error (raised here on every rank); ``nonfinite``:
     names of this rank's parameters with NaN/inf gradients (every rank gets the same
     ``NonFiniteGradientError`` to raise, naming them); ``found_inf``: AMP's GradScaler found an inf
     on this rank; ``hyperparameters``: this rank's per-group lr, momentum, ... (ranks that differ,
-    a scheduler stepped on one rank say, raise ValueError on every rank naming each rank's values).
+    a scheduler stepped on one rank say, raise ValueError on every rank naming each rank's values);
+    ``redo``: this rank's buckets exchanged during backward used what the step no longer has.
     """
     digest = fingerprint(hyperparameters)
-    flags = comm.max_ints([int(failure is not None), int(bool(nonfinite)), int(found_inf), digest, -digest]
-                          + [int(h) for h in has_grad])
-    any_failure, any_nonfinite, any_inf = flags[:3]
-    agreed = [bool(h) for h in flags[5:]]
-    if flags[3] != -flags[4]:  # max and min of the digests differ
+    flags = comm.max_ints([int(failure is not None), int(bool(nonfinite)), int(found_inf), int(redo),
+                           digest, -digest] + [int(h) for h in has_grad])
+    any_failure, any_nonfinite, any_inf, any_redo = flags[:4]
+    agreed = [bool(h) for h in flags[6:]]
+    if flags[4] != -flags[5]:  # max and min of the digests differ
         everyone = comm.allgather_obj(hyperparameters)
         raise ValueError("ranks disagree on the hyper-parameters of this step (" + "; ".join(
             f"rank {r}: {h}" for r, h in enumerate(everyone)) + "); change them alike on every rank")
@@ -80,4 +83,4 @@ def agree_on_step(comm: Comm, has_grad: Sequence[bool], failure: Optional[Except
         report = "; ".join(f"rank {r}: {', '.join(bad)}" for r, (bad, _) in enumerate(reports) if bad)
         error = NonFiniteGradientError(f"non-finite gradient ({report}); nothing was updated. "
                                        f"Lower the lr, check the data, or pass nonfinite='skip'")
-    return StepDecision(has_grad=agreed, found_inf=bool(any_inf), nonfinite=error)
+    return StepDecision(has_grad=agreed, found_inf=bool(any_inf), nonfinite=error, redo=bool(any_redo))

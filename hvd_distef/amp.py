@@ -21,6 +21,7 @@ class GradScaler(torch.amp.GradScaler):
         per_device = super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
         comm = getattr(optimizer, "comm", None)
         if comm is not None and hasattr(comm, "max_ints"):  # a hvd_distef.DistributedOptimizer
+            optimizer._drain_buckets()  # its buckets still in flight first (overlap): one collective at a time
             mine = int(any(bool(t.item() > 0) for t in per_device.values()))
             if comm.max_ints([mine])[0]:
                 for t in per_device.values():

@@ -103,6 +103,20 @@ class ErrorMemory:
         return self._kept(compressor, whole, compressor.mean_with_feedback(payloads, self._buffer, block_sizes,
                                                                            segments, self._take_unsettled(whole)))
 
+    def keep(self, start: int, stop: int, store: torch.Tensor) -> dict:
+        """What [start, stop) of the memory holds now, for ``put_back``: its buffer copied into
+        ``store`` (same coordinates), and the deferred subtractions of the shards inside it
+        (returned). No pass over the memory beyond the copy."""
+        store[start:stop].copy_(self._buffer[start:stop])
+        return {k: v for k, v in self._unsettled.items() if start <= k[0] and k[1] <= stop}
+
+    def put_back(self, start: int, stop: int, store: torch.Tensor, unsettled: dict) -> None:
+        """[start, stop) as ``keep`` found it."""
+        self._buffer[start:stop].copy_(store[start:stop])
+        for key in [k for k in self._unsettled if start <= k[0] and k[1] <= stop]:
+            del self._unsettled[key]
+        self._unsettled.update(unsettled)
+
     def state_dict(self) -> torch.Tensor:
         return self.error.clone()
 

@@ -57,7 +57,8 @@ class FusedLayout:
         names, sizes, bounds: per fused parameter: its name, element count, (start, stop).
         group_bounds: (start, stop) of each param group; ``numel``: the vector's length.
 
-    Raises ValueError when a parameter that requires a gradient is not float32.
+    Raises ValueError when a parameter that requires a gradient is not float32, or when they lie on
+    more than one device (the fused buffer lives on one).
     """
 
     def __init__(self, param_groups: Sequence[dict], named_parameters: Optional[Iterable] = None):
@@ -76,31 +77,50 @@ class FusedLayout:
         self.group_bounds = offsets([sum(p.numel() for p in ps) for ps in self.group_params])
         self.numel = sum(self.sizes)
         self.device = self.params[0].device if self.params else torch.device("cpu")
+        elsewhere = [f"{n} on {p.device}" for n, p in zip(self.names, self.params) if p.device != self.device]
+        if elsewhere:
+            raise ValueError(f"the parameters lie on more than one device ({self.names[0]} on {self.device}; "
+                             f"{', '.join(elsewhere[:5])}{', ...' if len(elsewhere) > 5 else ''}): the fused buffer "
+                             f"lives on one device. Run one process per GPU (each rank's model on its own GPU: "
+                             f"torch.cuda.set_device(local_rank)), not a model split over several GPUs of a rank")
 
     def has_grad(self) -> List[bool]:
         return [p.grad is not None for p in self.params]
 
-    def gather(self, out: torch.Tensor) -> torch.Tensor:
-        """Every fused gradient into ``out`` (None as zeros, sparse densified, as Horovod's
-        ``sparse_as_dense``). Raises ValueError for a frozen parameter that has a gradient now."""
+    def check_frozen(self) -> None:
+        """Raises ValueError for a parameter that was not fused (frozen) and has a gradient now."""
         unfrozen = [self.names_by_param[p] for p in self.frozen if p.grad is not None]
         if unfrozen:
             raise ValueError(f"{', '.join(unfrozen)} had requires_grad=False when the optimizer was built and "
                              f"has a gradient now; build the DistributedOptimizer after unfreezing")
+
+    def span(self, first: int, stop: int) -> Range:
+        """The fused slice of parameters [first, stop)."""
+        return (self.bounds[first][0], self.bounds[stop - 1][1]) if stop > first else (0, 0)
+
+    def gather(self, out: torch.Tensor, first: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """The gradients of fused parameters [first, stop) (default: all) into their slice of
+        ``out`` (None as zeros, sparse densified, as Horovod's ``sparse_as_dense``); returns that slice."""
+        stop = len(self.params) if stop is None else stop
+        a, b = self.span(first, stop)
         parts = []
-        for p in self.params:
+        for p in self.params[first:stop]:
             g = p.grad
             if g is None:
                 parts.append(out.new_zeros(p.numel()))
             else:
                 parts.append((g.to_dense() if g.is_sparse else g).reshape(-1))
-        return torch.cat(parts, out=out) if parts else out
+        return torch.cat(parts, out=out[a:b]) if parts else out[a:b]
 
-    def nonfinite(self, flat: torch.Tensor) -> List[str]:
-        """Names of the parameters whose slice of ``flat`` holds a NaN or inf (one reduction when none does)."""
-        if not flat.numel() or bool(torch.isfinite(flat.sum())):
+    def nonfinite(self, flat: torch.Tensor, first: int = 0, stop: Optional[int] = None) -> List[str]:
+        """Names of the fused parameters [first, stop) (default: all) whose slice of ``flat`` holds a
+        NaN or inf (one reduction when none does)."""
+        stop = len(self.params) if stop is None else stop
+        a, b = self.span(first, stop)
+        if a == b or bool(torch.isfinite(flat[a:b].sum())):
             return []
-        return [n for n, (a, b) in zip(self.names, self.bounds) if not bool(torch.isfinite(flat[a:b]).all())]
+        return [n for n, (lo, hi) in zip(self.names[first:stop], self.bounds[first:stop])
+                if not bool(torch.isfinite(flat[lo:hi]).all())]
 
     def idle(self, has_grad: Sequence[bool]) -> Tuple[List[Range], List[torch.Tensor]]:
         """The slices and the parameters that no rank has a gradient for (``has_grad`` agreed by all)."""

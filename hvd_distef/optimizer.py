@@ -3,9 +3,17 @@ surface (SPEC §5a).
 
 A step reads the gradients into one fused buffer, agrees with the other ranks on what to do
 (``agreement``), runs the worker side (momentum, error feedback, compression), the topology's
-exchange and server step, and the update. ``synchronize()`` is the first half (up to Δ̃, or the
-averaged gradient under ``allreduce``), ``step()`` the second; what a step must leave alone is
-kept aside by ``untouched``.
+exchange and server step, bucket by bucket (``buckets``), and the update. ``synchronize()`` is
+the first half (up to Δ̃, or the averaged gradient under ``allreduce``), ``step()`` the second;
+what a step must leave alone is kept aside by ``untouched``.
+
+With ``overlap=True`` the first half runs during backward: each bucket, once the last backward
+pass of the step has completed it, on the pipeline's thread, with the lr, momentum and loss
+scale of the last step. ``step()`` then agrees with the other ranks as above and keeps that work
+if it stands: no rank found a non-finite gradient or failed, the gradients, hyper-parameters and
+loss scale are still those the buckets used, and no parameter is idle or at lr = 0 (those need
+``untouched``). Otherwise every rank puts the buckets' changes back (``untouched.Rollback``) and
+either skips or raises as a step without overlap would, or redoes the first half as one.
 """
 from __future__ import annotations
 
@@ -21,13 +29,13 @@ from typing import Iterable, List, NamedTuple, Optional, Tuple
 import torch
 from torch.optim.sgd import sgd as functional_sgd
 
-from . import _kernels, agreement, horovod_args
+from . import _kernels, agreement, buckets, horovod_args
 from .comm import Comm
 from .compressors import Compression, get_compressor
-from .error_feedback import ErrorMemory, lr_ratio_segments
-from .fused import FusedLayout
-from .topologies import get_topology
-from .untouched import Untouched
+from .error_feedback import ErrorMemory, Segments, Shard, lr_ratio_segments, window
+from .fused import FusedLayout, Range
+from .topologies import Topology, get_topology
+from .untouched import Rollback, Untouched
 
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
 #: horovod.torch's warning, word for word (scripts and tests look for it)
@@ -35,6 +43,27 @@ SYNCHRONIZE_WARNING = ("optimizer.step() called without optimizer.skip_synchroni
                        "optimizer.synchronize(). This can cause training slowdown. You may want to consider "
                        "using optimizer.skip_synchronize() context if you use optimizer.synchronize() in your code.")
 HYPERPARAMETERS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
+
+
+class Bucket(NamedTuple):
+    """A bucket of the fused buffer (``buckets``): parameters [first, stop_param), elements [start, stop)."""
+
+    first: int
+    stop_param: int
+    start: int
+    stop: int
+    topology: Topology
+    worker_shards: List[Shard]  #: the topology's shards, in the fused buffer's coordinates
+
+
+class _Speculation:
+    """What the buckets exchanged during backward used (``overlap=True``), to check at ``step()``."""
+
+    def __init__(self, scale: Optional[float], hyperparameters: list, segments: Segments):
+        self.scale, self.hyperparameters, self.segments = scale, hyperparameters, segments
+        self.grads: dict = {}       #: parameter -> (its gradient tensor when read, that tensor's version)
+        self.nonfinite: List[str] = []
+        self.failure: Optional[Exception] = None
 
 
 class _Exchanged(NamedTuple):
@@ -73,6 +102,11 @@ class DistributedOptimizer(torch.optim.SGD):
             where a NaN in an error memory would stay for good), ``"skip"`` (the step is skipped on
             every rank and counted) or ``"propagate"`` (``allreduce`` only, and its default: the
             NaN reaches every rank's p.grad and parameters, as in torch and Horovod).
+        overlap: exchange the gradients bucket by bucket during backward, as soon as the last
+            backward pass of the step has completed a bucket (module docstring; SPEC §4). Set lr,
+            momentum and the like before backward (a change after it makes ``step()`` redo the
+            exchange); ``zero_grad()`` between that backward and ``step()`` raises, as in Horovod.
+        bucket_cap_mb: MiB of float32 per bucket with ``overlap=True`` (DDP's ``bucket_cap_mb``).
         comm: an mpi4py communicator to use instead of ``MPI.COMM_WORLD`` (duplicated once per process).
         timeout_s: abort the job when one of our collectives waits longer than this (a dead or hung
             peer); default: the HVD_DISTEF_TIMEOUT_S environment variable, else 300 s.
@@ -89,11 +123,17 @@ class DistributedOptimizer(torch.optim.SGD):
                  compression=Compression.blocksign, backward_passes_per_step: int = 1, op=None,
                  gradient_predivide_factor: float = 1.0, num_groups: int = 0, groups=None,
                  sparse_as_dense: bool = False, process_set=None, *, topology: str = "ps",
-                 nonfinite: Optional[str] = None, comm=None, timeout_s: Optional[float] = None):
+                 nonfinite: Optional[str] = None, overlap: bool = False,
+                 bucket_cap_mb: float = buckets.DEFAULT_BUCKET_CAP_MB, comm=None, timeout_s: Optional[float] = None):
         failure = None
         try:
             topology_cls = self._configure(optimizer, named_parameters, compression, topology,
                                            backward_passes_per_step, nonfinite)
+            if not isinstance(overlap, bool):
+                raise TypeError(f"overlap must be True or False, got {overlap!r}")
+            self.overlap = overlap
+            self._bucket_plan = buckets.plan(self._layout.sizes, bucket_cap_mb if overlap else None)
+            self.bucket_cap_mb = float(bucket_cap_mb) if overlap else None
             self._op = horovod_args.reduce_op(op, topology_cls.update_rule)
             self._predivide = horovod_args.check_predivide(gradient_predivide_factor, self._op)
             horovod_args.check_groups(num_groups, groups)
@@ -136,14 +176,23 @@ class DistributedOptimizer(torch.optim.SGD):
         return topology_cls
 
     def _build(self, topology_cls) -> None:
-        """Topology, flat buffers and backward hooks, once every rank agreed."""
-        options = {"op": self._op, "predivide": self._predivide} if self._rule == "sgd" else {}
-        self.topology = topology_cls(self.comm, self.compressor, self._layout.sizes, self.device, **options)
-        self.block_sizes = self.topology.block_sizes
-        self._worker_compressor = self.compressor.for_stream(self.comm.rank)
+        """Buckets and their topologies, flat buffers and backward hooks, once every rank agreed."""
         zeros = lambda: torch.zeros(self.numel, dtype=torch.float32, device=self.device)  # noqa: E731
         # Flat buffers allocated once (fresh 100 MB tensors every step cost more in page faults than
         # the arithmetic), whatever the hyper-parameters are now: they may change at run time.
+        self._delta = zeros()  # Δ̃ (ef), the vote (signum) or the averaged gradient (sgd), bucket by bucket
+        options = {"op": self._op, "predivide": self._predivide} if self._rule == "sgd" else {}
+        layout = self._layout
+        self.buckets: List[Bucket] = []
+        for first, stop in self._bucket_plan:
+            start, end = layout.bounds[first][0], layout.bounds[stop - 1][1]
+            topology = topology_cls(self.comm, self.compressor, layout.sizes[first:stop], self.device,
+                                    self._delta[start:end], **options)
+            self.buckets.append(Bucket(first, stop, start, end, topology,
+                                       [Shard(start + s.start, start + s.stop, s.block_sizes) for s in topology.shards]))
+        self.block_sizes = tuple(b for bucket in sorted(self.buckets, key=lambda b: b.start)
+                                 for b in bucket.topology.block_sizes)
+        self._worker_compressor = self.compressor.for_stream(self.comm.rank)
         self._grad = zeros()
         own_update = self._rule in ("ef", "signum")
         self._momentum = zeros() if own_update else None
@@ -152,6 +201,7 @@ class DistributedOptimizer(torch.optim.SGD):
         self._worker_memory = ErrorMemory(self.numel, self.device) if self._rule == "ef" else None
         self._steps = 0
         self._skipped_steps = 0
+        self._redone_steps = 0  # overlap: steps whose buckets were exchanged again by step()
         self._initialized = False
         self._seconds = {"compress": 0.0, "exchange": 0.0}
         self._backward_passes = 0
@@ -162,6 +212,19 @@ class DistributedOptimizer(torch.optim.SGD):
         self._should_synchronize = True
         self._exchanged: Optional[_Exchanged] = None
         this = weakref.ref(self)  # hooks must not keep a discarded optimizer (and its buffers) alive
+        self._pipeline: Optional[buckets.BucketPipeline] = None
+        self._speculated = False
+        self._speculation: Optional[_Speculation] = None
+        self._last_scale: Optional[float] = None  # the loss scale of the last step (AMP), for the next overlap
+        if self.overlap:
+            self._index = {p: i for i, p in enumerate(self._layout.params)}
+            bucket_of = [0] * len(self._layout.params)
+            for k, bucket in enumerate(self.buckets):
+                bucket_of[bucket.first:bucket.stop_param] = [k] * (bucket.stop_param - bucket.first)
+            self._pipeline = buckets.BucketPipeline(bucket_of, lambda k: this()._speculate(k))
+            self._rollback = Rollback(self._momentum, self._worker_memory,
+                                      [b.topology.server_memory for b in self.buckets], self._worker_compressor,
+                                      [b.topology.compressor for b in self.buckets])
 
         def on_grad(param):
             opt = this()
@@ -201,6 +264,7 @@ class DistributedOptimizer(torch.optim.SGD):
             "world_size": self.comm.size,
             "compression": self.compressor.name, "compression_options": self.compressor.config(),
             "topology": self._topology_name, "backward_passes_per_step": self.backward_passes_per_step,
+            "overlap": self.overlap, "bucket_cap_mb": self.bucket_cap_mb,
             "parameters": hashlib.sha1(json.dumps(shapes).encode()).hexdigest(),
             "numel": self.numel, "num_params": len(layout.params),
             "group_sizes": [len(ps) for ps in layout.group_params],
@@ -223,6 +287,9 @@ class DistributedOptimizer(torch.optim.SGD):
         if not self._end_of_backward_queued:
             self._end_of_backward_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if self._pipeline is not None and (0 if self._grads_reset else self._backward_passes) + 1 >= \
+                self.backward_passes_per_step:  # the step's last pass: this gradient is final
+            self._pipeline.ready(self._index[param])
 
     def _end_of_backward(self) -> None:
         self._end_of_backward_queued = False
@@ -237,6 +304,15 @@ class DistributedOptimizer(torch.optim.SGD):
         self._backward_passes = 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._pipeline is not None and (self._pipeline.running or self._speculated):
+            # horovod.torch's rule, and its words: the buckets of that backward are being exchanged
+            self._drain_buckets()
+            self._speculated = False
+            self._rollback.restore()
+            self._backward_passes = 0
+            raise AssertionError("optimizer.zero_grad() was called after loss.backward() but before "
+                                 "optimizer.step() or optimizer.synchronize(). This is prohibited as it can "
+                                 "cause a race condition.")
         self._backward_passes = 0
         super().zero_grad(set_to_none)
 
@@ -276,6 +352,8 @@ class DistributedOptimizer(torch.optim.SGD):
             self._finish()
         finally:
             self._synchronized, self._exchanged = False, None
+            scale = getattr(self, "grad_scale", None)
+            self._last_scale = None if scale is None else float(scale)  # what the next overlap assumes
         return loss
 
     # --- the step: worker side and exchange -----------------------------------------------------------
@@ -288,14 +366,45 @@ class DistributedOptimizer(torch.optim.SGD):
         nothing = _Exchanged(None, [], False, skipped=True)
         if self._is_state_initialization():
             return nothing
-        failure, has_grad, nonfinite = None, self._layout.has_grad(), []
+        self._drain_buckets()
+        speculated, self._speculated = self._speculated, False
         try:
-            nonfinite = self._fuse_gradients()
+            return self._agree_and_exchange(expose, speculated)
+        except BaseException:
+            if speculated:
+                self._rollback.restore()
+            raise
+
+    def _drain_buckets(self) -> None:
+        """With ``overlap=True``, run this step's buckets not run during backward and wait for all of
+        them (every rank runs them before agreeing on the step). Called twice (by
+        ``hvd_distef.GradScaler`` before its collective inf check, then by ``step()``), it runs
+        them once; ``_speculated`` says they ran, until the step uses them."""
+        if self._pipeline is not None and not self._speculated:
+            self._pipeline.drain()
+            self._speculated = True
+
+    def _agree_and_exchange(self, expose: bool, speculated: bool) -> _Exchanged:
+        nothing = _Exchanged(None, [], False, skipped=True)
+        failure, has_grad, nonfinite, stale = None, self._layout.has_grad(), [], False
+        try:
+            self._check_step()
+            if speculated:
+                spec = self._speculation
+                failure, nonfinite, stale = spec.failure, spec.nonfinite, self._stale(spec)
+            else:
+                nonfinite = self._prepare(0, len(self._layout.params), getattr(self, "grad_scale", None))
         except (ValueError, RuntimeError) as exc:  # told to every rank below, instead of a hang
             failure = exc
         decision = agreement.agree_on_step(self.comm, has_grad, failure, nonfinite, self._amp_found_inf(),
-                                           self._hyperparameters()["param_groups"])
+                                           self._hyperparameters()["param_groups"], stale)
         self._backward_passes = 0
+        idle, idle_params = self._layout.idle(decision.has_grad)
+        kept = (speculated and not decision.redo and not decision.found_inf and decision.nonfinite is None
+                and not (self._rule != "sgd" and idle)
+                and not (self._rule == "ef" and any(g["lr"] == 0 for g in self.param_groups)))
+        if speculated and not kept:
+            self._rollback.restore()
         if decision.found_inf or (decision.nonfinite is not None and not expose and self.nonfinite != "propagate"):
             if not decision.found_inf and self.nonfinite == "raise":
                 raise decision.nonfinite
@@ -311,8 +420,18 @@ class DistributedOptimizer(torch.optim.SGD):
             return nothing._replace(nonfinite=decision.nonfinite)
         if not any(decision.has_grad):  # torch's SGD: a step with no gradients changes nothing
             return nothing
-        update, untouched = {"ef": self._exchange_ef, "signum": self._exchange_signum,
-                             "sgd": self._exchange_sgd}[self._rule](decision.has_grad)
+        untouched = []
+        if not kept:
+            if speculated:  # the buckets' own reading of the gradients was used up: read them again
+                self._redone_steps += 1
+                self._prepare(0, len(self._layout.params), getattr(self, "grad_scale", None))
+            untouched = self._untouched(idle, idle_params) if self._rule != "sgd" else []
+            segments = self._segments(idle)
+            for k in range(len(self.buckets)):
+                self._exchange_bucket(k, segments, idle)
+        if self._rule == "sgd":
+            self._layout.write_grads(self._delta, decision.has_grad)
+        update = None if self._rule == "sgd" else self._delta
         if expose and update is not None:
             self._layout.write_grads(update, decision.has_grad)
         return _Exchanged(update, untouched, expose and update is not None, skipped=False)
@@ -344,9 +463,8 @@ class DistributedOptimizer(torch.optim.SGD):
                 if self.state[p].get("momentum_buffer") is None:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p) if group["momentum"] != 0 else None
 
-    def _fuse_gradients(self) -> List[str]:
-        """All gradients in ``self._grad`` (None as zeros, sparse densified), unscaled for AMP; returns
-        the names of this rank's parameters with non-finite gradients."""
+    def _check_step(self) -> None:
+        """This rank's reasons to refuse the step (ValueError), before anything is exchanged."""
         if self._backward_passes > self.backward_passes_per_step:
             raise ValueError(f"gradients were accumulated over {self._backward_passes} backward passes before "
                              f"step(), more than backward_passes_per_step={self.backward_passes_per_step}; raise "
@@ -355,61 +473,113 @@ class DistributedOptimizer(torch.optim.SGD):
         moved = [n for n, p in zip(self._layout.names, self._layout.params) if p.dtype != torch.float32]
         if moved:
             raise ValueError(f"{', '.join(moved)} is no longer float32 (the fused buffer is float32)")
-        grad = self._layout.gather(self._grad)
-        scale = getattr(self, "grad_scale", None)
+        self._layout.check_frozen()
+
+    def _prepare(self, first: int, stop: int, scale: Optional[torch.Tensor]) -> List[str]:
+        """Gradients of parameters [first, stop) into their slice of ``self._grad`` (None as zeros,
+        sparse densified), unscaled by AMP's ``scale``; returns the names of those with non-finite
+        gradients on this rank."""
+        layout = self._layout
+        grad = layout.gather(self._grad, first, stop)
         if scale is not None:  # torch's unscale: multiply by the float32 reciprocal computed in double
             grad.mul_(scale.double().reciprocal().float())
-        return self._layout.nonfinite(grad)
+        return layout.nonfinite(self._grad, first, stop)
 
-    def _untouched(self, idle: List[Tuple[int, int]], params: List[torch.Tensor]) -> List[Untouched]:
+    def _segments(self, idle: List[Range]) -> Segments:
+        return lr_ratio_segments(self._layout.group_bounds, [g["prev_lr"] for g in self.param_groups],
+                                 [g["lr"] for g in self.param_groups], idle)
+
+    def _untouched(self, idle: List[Range], params: List[torch.Tensor]) -> List[Untouched]:
         """Idle parameters keep everything; groups at lr = 0 keep their errors (SPEC §5a)."""
-        memories = [(self._worker_memory, 0), (self.topology.server_memory, self.topology.server_start)]
+        memories = [(self._worker_memory, 0)] + [(b.topology.server_memory, b.start + b.topology.server_start)
+                                                  for b in self.buckets]
         still = [bounds for bounds, g in zip(self._layout.group_bounds, self.param_groups) if g["lr"] == 0]
         return [Untouched(idle, [self._momentum, self._wd_buffer], memories, params), Untouched(still, (), memories)]
 
-    def _exchange_ef(self, has_grad: List[bool]):
-        """SPEC §1: worker momentum and error feedback, the topology's exchange (server step inside)."""
-        idle, params = self._layout.idle(has_grad)
-        untouched = self._untouched(idle, params)
-        segments = lr_ratio_segments(self._layout.group_bounds, [g["prev_lr"] for g in self.param_groups],
-                                     [g["lr"] for g in self.param_groups], idle)
-        d = self._nesterov_direction(self._grad)
-        for a, b in idle:
-            d[a:b].zero_()
+    # --- the step, bucket by bucket ---------------------------------------------------------------------
+    def _speculate(self, k: int) -> None:
+        """Bucket k during backward (the pipeline's thread, ``overlap=True``): read its gradients,
+        keep what it will change, exchange it. Never raises for this rank's own reasons (every rank
+        must run every bucket): they are kept for ``step()``, which tells every rank."""
+        bucket = self.buckets[k]
+        if k == 0:
+            self._speculation = _Speculation(self._last_scale, self._hyperparameters()["param_groups"],
+                                             self._segments([]))
+            self._rollback.begin()
+        spec = self._speculation
+        params = self._layout.params[bucket.first:bucket.stop_param]
+        spec.grads.update((p, (p.grad, None if p.grad is None else p.grad._version)) for p in params)
+        nonfinite, failed = [], False
+        try:
+            scale = None if spec.scale is None else torch.tensor(spec.scale, dtype=torch.float32)
+            nonfinite = self._prepare(bucket.first, bucket.stop_param, scale)
+        except (ValueError, RuntimeError) as exc:
+            spec.failure, failed = spec.failure or exc, True
+        spec.nonfinite += nonfinite
+        if failed or (nonfinite and self._rule != "sgd"):
+            # the step will not keep this work: exchange zeros (the compressors refuse NaN and inf)
+            self._grad[bucket.start:bucket.stop].zero_()
+        self._rollback.keep(k, bucket.start, bucket.stop)
+        self._exchange_bucket(k, spec.segments, [])
+
+    def _stale(self, spec: _Speculation) -> bool:
+        """Whether what the buckets used during backward is not what the step has now: a gradient
+        changed or replaced since (``scaler.unscale_``, clipping), other hyper-parameters, another
+        loss scale."""
+        scale = getattr(self, "grad_scale", None)
+        if (None if scale is None else float(scale)) != spec.scale:
+            return True
+        if spec.hyperparameters != self._hyperparameters()["param_groups"]:
+            return True
+        return any(p.grad is not g or (g is not None and g._version != v) for p, (g, v) in spec.grads.items())
+
+    def _exchange_bucket(self, k: int, segments: Segments, idle: List[Range]) -> None:
+        """The first half of the step on bucket k, its gradients in ``self._grad``: its slice of
+        ``self._delta`` gets Δ̃ (ef), the vote (signum) or the averaged gradient (sgd)."""
+        bucket = self.buckets[k]
+        a, b = bucket.start, bucket.stop
+        if self._rule == "sgd":
+            with self._timed("exchange"):
+                averaged = bucket.topology.exchange(self._grad[a:b])
+            if averaged.data_ptr() != self._delta[a:b].data_ptr():
+                self._delta[a:b].copy_(averaged)
+            return
+        if self._rule == "signum":
+            self._signum_momentum(a, b)
+            with self._timed("compress"):
+                signs = _kernels.pack_signs(self._grad[a:b])
+            with self._timed("exchange"):
+                bucket.topology.exchange(signs)
+            return
+        self._nesterov_direction(a, b)
+        for lo, hi in idle:
+            if lo < b and hi > a:
+                self._grad[max(lo, a):min(hi, b)].zero_()
         with self._timed("compress"):
-            payloads = self._worker_memory.step(self._worker_compressor, d, segments, self.topology.shards)
+            payloads = self._worker_memory.step(self._worker_compressor, self._grad, segments, bucket.worker_shards)
         with self._timed("exchange"):
-            delta = self.topology.exchange(payloads, segments)
-        return delta, untouched
+            bucket.topology.exchange(payloads, window(segments, a, b))
 
-    def _nesterov_direction(self, grad: torch.Tensor) -> torch.Tensor:
-        """m = μ·m + g;  d = g + μ·m (nesterov) or m;  in place in ``grad``, per param group."""
+    def _group_slices(self, a: int, b: int):
+        """(start, stop, group) of each param group's part of the fused range [a, b)."""
         for (start, stop), group in zip(self._layout.group_bounds, self.param_groups):
+            if start < b and stop > a:
+                yield max(start, a), min(stop, b), group
+
+    def _nesterov_direction(self, a: int, b: int) -> None:
+        """SPEC §1: m = μ·m + g;  d = g + μ·m (nesterov) or m;  in place in ``self._grad[a:b]``."""
+        for start, stop, group in self._group_slices(a, b):
             if group["momentum"] != 0:
-                _kernels.momentum_(grad[start:stop], self._momentum[start:stop], group["momentum"], group["nesterov"])
-        return grad
+                _kernels.momentum_(self._grad[start:stop], self._momentum[start:stop], group["momentum"],
+                                   group["nesterov"])
 
-    def _exchange_signum(self, has_grad: List[bool]):
-        """Signum with majority vote: m = μ·m + (1−μ)·g; vote = sign(Σ sign(m_i))."""
-        untouched = self._untouched(*self._layout.idle(has_grad))
-        grad = self._grad
-        for (start, stop), group in zip(self._layout.group_bounds, self.param_groups):
+    def _signum_momentum(self, a: int, b: int) -> None:
+        """Signum: m = μ·m + (1−μ)·g, into ``self._grad[a:b]`` too."""
+        for start, stop, group in self._group_slices(a, b):
             mu = group["momentum"]
             if mu != 0:
-                m, g = self._momentum[start:stop], grad[start:stop]
+                m, g = self._momentum[start:stop], self._grad[start:stop]
                 g.copy_(m.mul_(mu).add_(torch.mul(g, 1 - mu, out=self._scratch[start:stop])))
-        with self._timed("compress"):
-            signs = _kernels.pack_signs(grad)
-        with self._timed("exchange"):
-            vote = self.topology.exchange(signs)
-        return vote, untouched
-
-    def _exchange_sgd(self, has_grad: List[bool]):
-        """Stock SGDM: the topology averages the gradient into p.grad (None stays None where no rank has one)."""
-        with self._timed("exchange"):
-            averaged = self.topology.exchange(self._grad)
-        self._layout.write_grads(averaged, has_grad)
-        return None, []
 
     # --- the step: update ---------------------------------------------------------------------------
     def _amp_found_inf(self) -> bool:
@@ -482,27 +652,28 @@ class DistributedOptimizer(torch.optim.SGD):
 
     def comm_stats(self) -> dict:
         """Cumulative bytes this rank put on and took off the wire, the number of steps (and of skipped
-        ones), and seconds spent compressing on the worker and in the exchange (communication and
-        the server step)."""
+        ones, and with ``overlap=True`` of those whose buckets ``step()`` exchanged again because
+        something changed after backward), and seconds spent compressing on the worker and in the
+        exchange (communication and the server step)."""
         return {"bytes_sent": self.comm.bytes_sent, "bytes_received": self.comm.bytes_received,
-                "steps": self._steps, "skipped_steps": self._skipped_steps,
+                "steps": self._steps, "skipped_steps": self._skipped_steps, "redone_steps": self._redone_steps,
                 "compress_time_s": self._seconds["compress"], "exchange_time_s": self._seconds["exchange"]}
 
     def state_dict(self) -> dict:
         """torch's SGD state dict plus ours. Under error feedback ``state`` holds, per parameter, views
         of the live momentum m_i and weight-decay buffer w (what ``hvd.broadcast_optimizer_state``
         broadcasts in place); the ``distef`` entry holds the flat buffers, the worker error e_i, the
-        server error ẽ where this rank holds it and the compressors' streams; each group's η_{t-1}
-        is its ``prev_lr``."""
+        server error ẽ where this rank holds it (per bucket) and the compressors' streams; each
+        group's η_{t-1} is its ``prev_lr``."""
         state = super().state_dict()
         state["distef"] = {
             "config": dict(self.config(), rank=self.comm.rank),
             "steps": self._steps, "skipped_steps": self._skipped_steps,
             "momentum": self._momentum, "weight_decay_buffer": self._wd_buffer,
             "worker_error": None if self._worker_memory is None else self._worker_memory.state_dict(),
-            "topology": self.topology.state_dict(),
+            "topology": [b.topology.state_dict() for b in self.buckets],
             "worker_compressor": self._worker_compressor.state_dict(),
-            "server_compressor": self.topology.compressor.state_dict(),
+            "server_compressor": [b.topology.compressor.state_dict() for b in self.buckets],
         }
         return state
 
@@ -526,9 +697,10 @@ class DistributedOptimizer(torch.optim.SGD):
                     buf.zero_() if saved is None else buf.copy_(saved)
             if self._worker_memory is not None:
                 self._worker_memory.load_state_dict(ours["worker_error"])
-            self.topology.load_state_dict(ours["topology"])
             self._worker_compressor.load_state_dict(ours["worker_compressor"])
-            self.topology.compressor.load_state_dict(ours["server_compressor"])
+            for bucket, topology, compressor in zip(self.buckets, ours["topology"], ours["server_compressor"]):
+                bucket.topology.load_state_dict(topology)
+                bucket.topology.compressor.load_state_dict(compressor)
             self._steps, self._skipped_steps = ours["steps"], ours["skipped_steps"]
         self._initialize_state()
 
@@ -557,13 +729,18 @@ class DistributedOptimizer(torch.optim.SGD):
                 raise ValueError(f"the checkpoint's {name} has {saved_buf.numel()} elements, this run {self.numel}")
         if self._worker_memory is not None:
             self._worker_memory.check_state(ours.get("worker_error"))
-        self.topology.check_state(ours.get("topology", {}))
+        for key in ("topology", "server_compressor"):
+            if not isinstance(ours.get(key), list) or len(ours[key]) != len(self.buckets):
+                raise ValueError(f"the checkpoint's {key} is not a list of {len(self.buckets)} buckets")
+        for bucket, topology in zip(self.buckets, ours["topology"]):
+            bucket.topology.check_state(topology)
         for key in ("steps", "skipped_steps"):
             if not isinstance(ours.get(key), int) or ours[key] < 0:
                 raise ValueError(f"the checkpoint's {key} is {ours.get(key)!r}, not a count")
-        for key, compressor in (("worker_compressor", self._worker_compressor),
-                                ("server_compressor", self.topology.compressor)):
-            saved = ours.get(key)
+        streams = [("worker_compressor", self._worker_compressor, ours["worker_compressor"])]
+        streams += [("server_compressor", b.topology.compressor, saved)
+                    for b, saved in zip(self.buckets, ours["server_compressor"])]
+        for key, compressor, saved in streams:
             if not isinstance(saved, dict) or set(saved) != set(compressor.state_dict()):
                 raise ValueError(f"the checkpoint's {key} state {saved!r} does not fit {compressor!r}")
             try:

@@ -25,16 +25,18 @@ class Allreduce(Topology):
     name = "allreduce"
     update_rule = "sgd"
 
-    def __init__(self, comm, compressor, tensor_sizes, device="cpu", op: str = "average", predivide: float = 1.0):
+    def __init__(self, comm, compressor, tensor_sizes, device="cpu", delta=None, op: str = "average",
+                 predivide: float = 1.0):
         if compressor.name not in ("none", "fp16"):
             raise ValueError(f"topology 'allreduce' sums dense vectors and cannot carry "
                              f"{compressor.name!r} payloads; use compression none or fp16, or a "
                              f"compressed topology such as 'ps'")
-        super().__init__(comm, compressor, tensor_sizes, device)
+        super().__init__(comm, compressor, tensor_sizes, device, delta)
         import horovod.torch as hvd
         if not hvd.is_initialized():
             raise ValueError("topology 'allreduce' runs Horovod's allreduce: call hvd.init() first")
         self.hvd = hvd
+        self.gpu_horovod = bool(hvd.cuda_built() or hvd.rocm_built())  # takes CUDA tensors itself
         self.fp16 = compressor.name == "fp16"
         self.by_horovod = comm.is_world or comm.process_set is not None
         if self.fp16 and not self.by_horovod:
@@ -63,16 +65,20 @@ class Allreduce(Topology):
         return result
 
     def _reduce(self, wire: torch.Tensor, average: bool) -> None:
-        """Horovod's allreduce as horovod.torch's optimizer calls it (predivide included), or MPI's."""
+        """Horovod's allreduce as horovod.torch's optimizer calls it (predivide included), or MPI's. A
+        CUDA tensor goes through host memory where Horovod was built without GPU operations."""
         hvd, comm = self.hvd, self.comm
+        if not self.by_horovod:
+            comm.allreduce_sum_(wire)
+            if average:
+                wire.div_(comm.size)
+            return
+        kw = {} if comm.process_set is None else {"process_set": comm.process_set}
+        scales = ({"prescale_factor": 1.0 / self.predivide, "postscale_factor": self.predivide}
+                  if average and self.predivide != 1.0 else {})
+        target, finish = (comm.staging.on_host(wire) if wire.is_cuda and not self.gpu_horovod
+                          else (wire, lambda: wire))
         with comm.watch("allreduce"):
-            if self.by_horovod:
-                kw = {} if comm.process_set is None else {"process_set": comm.process_set}
-                scales = ({"prescale_factor": 1.0 / self.predivide, "postscale_factor": self.predivide}
-                          if average and self.predivide != 1.0 else {})
-                hvd.allreduce_(wire, op=hvd.Average if average else hvd.Sum, name="hvd_distef.allreduce",
-                               **scales, **kw)
-            else:
-                comm.mpi.Allreduce(comm.MPI.IN_PLACE, wire.numpy(), op=comm.MPI.SUM)
-                if average:
-                    wire.div_(comm.size)
+            hvd.allreduce_(target, op=hvd.Average if average else hvd.Sum, name="hvd_distef.allreduce",
+                           **scales, **kw)
+        finish()

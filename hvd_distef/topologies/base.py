@@ -34,7 +34,7 @@ class Topology:
             REGISTRY[cls.name] = cls
 
     def __init__(self, comm: Comm, compressor: Compressor, tensor_sizes: Sequence[int],
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", delta: Optional[torch.Tensor] = None):
         self.comm = comm
         self.device = torch.device(device)
         # The server role compresses with its own copy (its own random stream, SPEC §2).
@@ -46,9 +46,10 @@ class Topology:
         self.nbytes = [layout_nbytes(layout) for layout in self.layouts]
         self.server_memory: Optional[ErrorMemory] = None  # set where this rank holds a server error
         self.server_start = 0  # where that server error starts in the fused buffer
-        # Δ̃ is decompressed into this buffer every step (no page-faulting allocation per step);
-        # what ``exchange`` returns is valid until the next exchange.
-        self.delta = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        # Δ̃ is decompressed into this buffer every step (no page-faulting allocation per step):
+        # ``delta`` when given (the topology's bucket of the optimizer's flat update), else its own.
+        # What ``exchange`` returns is valid until the next exchange.
+        self.delta = torch.zeros(self.numel, dtype=torch.float32, device=self.device) if delta is None else delta
 
     def make_shards(self, tensor_sizes: Sequence[int]) -> List[Shard]:
         """How a worker's vector is cut into payloads: one shard by default."""
@@ -133,8 +134,8 @@ class ShardPerRank(Topology):
     """The server role split over the ranks: M shards of whole blocks, rank j holds the server
     error of shard j (``sharded`` and ``ring``)."""
 
-    def __init__(self, comm, compressor, tensor_sizes, device="cpu"):
-        super().__init__(comm, compressor, tensor_sizes, device)
+    def __init__(self, comm, compressor, tensor_sizes, device="cpu", delta=None):
+        super().__init__(comm, compressor, tensor_sizes, device, delta)
         self.server_memory = ErrorMemory(self.shards[comm.rank].numel, self.device)
         self.server_start = self.shards[comm.rank].start
 

@@ -23,19 +23,18 @@ class MajorityVote(Topology):
     name = "majority_vote"
     update_rule = "signum"
 
-    def __init__(self, comm, compressor, tensor_sizes, device="cpu"):
+    def __init__(self, comm, compressor, tensor_sizes, device="cpu", delta=None):
         if compressor.name not in ("sign", "blocksign"):
             raise ValueError(f"topology 'majority_vote' sends plain signs; use compression sign or blocksign "
                              f"(their scales are not used), not {compressor.name!r}")
-        super().__init__(comm, compressor, tensor_sizes, device)
+        super().__init__(comm, compressor, tensor_sizes, device, delta)
         self.sign_bytes = math.ceil(self.numel / 8)
 
     def exchange(self, signs: torch.Tensor) -> torch.Tensor:
         """Packed signs of this worker's momentum in; the vote (-1, 0, +1 as float32) out."""
         comm, b = self.comm, self.sign_bytes
-        gathered = comm.gather(signs.cpu(), ROOT)
-        vote = _kernels.majority_vote(gathered, self.numel) if comm.rank == ROOT else torch.empty(2 * b, dtype=torch.uint8)
+        gathered = comm.gather(signs, ROOT)
+        vote = (_kernels.majority_vote(gathered, self.numel) if comm.rank == ROOT
+                else torch.empty(2 * b, dtype=torch.uint8, device=self.device))
         comm.bcast(vote, ROOT)
-        if self.device.type == "cpu":
-            return _kernels.unpack_vote(vote, self.numel, out=self.delta)
-        return self.delta.copy_(_kernels.unpack_vote(vote, self.numel))
+        return _kernels.unpack_vote(vote, self.numel, out=self.delta)

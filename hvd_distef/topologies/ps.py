@@ -24,8 +24,8 @@ ROOT = 0
 class ParameterServer(Topology):
     name = "ps"
 
-    def __init__(self, comm, compressor, tensor_sizes, device="cpu"):
-        super().__init__(comm, compressor, tensor_sizes, device)
+    def __init__(self, comm, compressor, tensor_sizes, device="cpu", delta=None):
+        super().__init__(comm, compressor, tensor_sizes, device, delta)
         if comm.rank == ROOT:
             self.server_memory = ErrorMemory(self.numel, self.device)
 
@@ -35,6 +35,6 @@ class ParameterServer(Topology):
         if comm.rank == ROOT:
             broadcast = self.server_reduce(self.decode_many(gathered), segments).to_bytes()
         else:
-            broadcast = torch.empty(s, dtype=torch.uint8)
+            broadcast = torch.empty(s, dtype=torch.uint8, device=self.device)
         comm.bcast(broadcast, ROOT)
         return self.decompress_shards([broadcast])

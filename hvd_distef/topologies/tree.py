@@ -38,8 +38,8 @@ def binomial_tree(rank: int, size: int) -> Tuple[Optional[int], List[int]]:
 class Tree(Topology):
     name = "tree"
 
-    def __init__(self, comm, compressor, tensor_sizes, device="cpu"):
-        super().__init__(comm, compressor, tensor_sizes, device)
+    def __init__(self, comm, compressor, tensor_sizes, device="cpu", delta=None):
+        super().__init__(comm, compressor, tensor_sizes, device, delta)
         self.parent, self.children = binomial_tree(comm.rank, comm.size)
         if comm.rank == ROOT:
             self.server_memory = ErrorMemory(self.numel, self.device)
@@ -50,14 +50,14 @@ class Tree(Topology):
         if self.children or self.parent is None:
             partial = self.compressor.decompress(message).clone()
             for child in self.children:
-                partial.add_(self.compressor.decompress(self.decode(comm.recv(s, child))))
+                partial.add_(self.compressor.decompress(self.decode(comm.recv(s, child, self.device))))
             if self.parent is None:
                 message = self.server_compress(partial.div_(comm.size), segments)
             else:
                 message = self.compressor.compress(partial, self.block_sizes)  # no error memory here
         if self.parent is not None:
             comm.send(message.to_bytes(), self.parent)
-            down = comm.recv(s, self.parent)
+            down = comm.recv(s, self.parent, self.device)
         else:
             down = message.to_bytes()
         for child in reversed(self.children):

@@ -75,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", choices=sorted(COMPRESSORS), help="override the method's compressor")
     p.add_argument("--topology", choices=sorted(TOPOLOGIES), help="override the method's topology")
     p.add_argument("--block-size", type=positive_int, help="blocksign: split tensors into blocks of at most N")
+    p.add_argument("--overlap", action="store_true",
+                   help="exchange gradient buckets during backward (DistributedOptimizer(overlap=True))")
+    p.add_argument("--bucket-cap-mb", type=positive_float, default=25.0, help="MiB per bucket with --overlap")
     p.add_argument("--model", default="mlp", choices=sorted(MODELS))
     p.add_argument("--data", default="digits", choices=sorted(LOADERS))
     p.add_argument("--data-dir", type=Path, help="folder with the CIFAR archive or its extracted folder")
@@ -113,6 +116,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     f"{' or '.join(HOROVOD_COMPRESSION)} (hvd.Compression)")
         if args.block_size:
             p.error("--block-size is for blocksign; --method horovod sends float32 or fp16")
+        if args.overlap:
+            p.error("--overlap is ours; --method horovod always overlaps (its own hooks and fusion)")
     if not 0 <= args.momentum < 1:
         p.error(f"--momentum must be in [0, 1), got {args.momentum}")
     if args.nesterov and args.momentum == 0:

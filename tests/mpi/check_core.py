@@ -60,7 +60,7 @@ def virtual_iterate_identity():
 
     def virtual(prev_lr):
         state = opt.state_dict()["distef"]
-        server = state["topology"].get("server_error")
+        server = state["topology"][0].get("server_error")
         server = COMM.bcast(server, root=0).double()
         mean_e = torch.from_numpy(COMM.allreduce(state["worker_error"].double().numpy())) / M
         return flat(model.parameters()).double() - prev_lr * (server + mean_e)
@@ -132,7 +132,8 @@ def _resume_equals_uninterrupted(**kw):
         a, b = full_state["distef"][key], resumed_state["distef"][key]
         assert (a is None and b is None) or torch.equal(a, b), key
     a, b = full_state["distef"]["topology"], resumed_state["distef"]["topology"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b))
     return "bitwise equal"
 
 

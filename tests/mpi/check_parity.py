@@ -77,8 +77,8 @@ def _state(opt):
         out["momentum"], out["weight_decay_buffer"] = opt._momentum.clone(), opt._wd_buffer.clone()
     if opt._worker_memory is not None:
         out["worker_error"] = opt._worker_memory.error.clone()
-    server = opt.topology.server_memory
-    if server is not None and opt.topology.server_start == 0 and server.error.numel() == opt.numel:
+    server = opt.buckets[0].topology.server_memory
+    if server is not None and opt.buckets[0].topology.server_start == 0 and server.error.numel() == opt.numel:
         out["server_error"] = server.error.clone()
     return out
 
@@ -236,11 +236,11 @@ def _zero_lr_run(topology):
             for key in ("worker_error", "server_error"):
                 if key in state:
                     assert torch.equal(state[key], after[key]), key
-            server = opt.topology.server_memory
+            server = opt.buckets[0].topology.server_memory
             if server is not None:  # this rank's server error (a shard under sharded/ring)
                 assert torch.equal(server_before, server.error), "server error changed"
             assert opt.param_groups[0]["prev_lr"] == 0.1
-        server = opt.topology.server_memory
+        server = opt.buckets[0].topology.server_memory
         server_before = None if server is None else server.error.clone()
     assert opt.param_groups[0]["prev_lr"] == 0.05
 
@@ -476,7 +476,7 @@ def fp16_on_the_wire_stays_finite():
         if topology == "ps":
             assert torch.equal(opt._worker_memory.error, torch.full((4,), 1e5 - 65504.0))
             if RANK == 0:
-                assert torch.equal(opt.topology.server_memory.error, torch.zeros(4))
+                assert torch.equal(opt.buckets[0].topology.server_memory.error, torch.zeros(4))
     return "finite"
 
 

@@ -31,7 +31,7 @@ def sharded_equals_ps():
     b, opt = _train("sharded")
     diff = (flat(a.parameters()) - flat(b.parameters())).abs().max().item()
     assert diff == 0.0, f"sharded differs from ps by {diff:.3g}"
-    return f"bitwise equal; shard sizes {[s.numel for s in opt.topology.shards]}"
+    return f"bitwise equal; shard sizes {[s.numel for s in opt.buckets[0].topology.shards]}"
 
 
 def _against(ref, topology, compression, steps=15, tol=2e-6, **sgd):
@@ -124,7 +124,7 @@ def comm_stats_ps():
 
 
 def _shard_bytes(opt):
-    return [math.ceil(sh.numel / 8) + 4 * len(sh.block_sizes) for sh in opt.topology.shards]
+    return [math.ceil(sh.numel / 8) + 4 * len(sh.block_sizes) for sh in opt.buckets[0].topology.shards]
 
 
 def comm_stats_sharded():
