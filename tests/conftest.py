@@ -51,6 +51,15 @@ def run_cases(np_, script, tmp_path_factory, *args, env=None):
     return json.loads(out.read_text())
 
 
+def cases_fixture(script, ranks=(2, 3), env=None):
+    """A module fixture that runs the MPI script ``script`` once per rank count in ``ranks`` (test ids
+    np2, np3, ...) and gives its {case: {"ok", "detail"}}."""
+    @pytest.fixture(scope="module", params=list(ranks), ids=lambda n: f"np{n}")
+    def results(request, tmp_path_factory):
+        return run_cases(request.param, script, tmp_path_factory, env=env)
+    return results
+
+
 def assert_case(results, case):
     assert case in results, f"case {case} did not run; ran {sorted(results)}"
     assert results[case]["ok"], results[case]["detail"]

@@ -7,16 +7,14 @@ import time
 import pytest
 import torch
 
-from conftest import MPI_DIR, ROOT, assert_case, mpi_env, run_cases, run_mpi
+from conftest import MPI_DIR, ROOT, assert_case, cases_fixture, mpi_env, run_mpi
 
 CASES = ["nan_gradient_raises_on_every_rank_and_changes_nothing", "nan_gradient_skip_counts_and_continues",
          "ranks_with_different_models", "ranks_with_different_options", "gradient_none_on_one_rank_counts_as_zero",
          "checkpoint_from_another_configuration", "local_failure_on_one_rank_reaches_every_rank"]
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_cases(3, "check_faults.py", tmp_path_factory)
+results = cases_fixture("check_faults.py", ranks=(3,))
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -2,18 +2,15 @@
 and `ps`+blocksign flavours, under mpirun with 2 and 3 ranks (see tests/mpi/check_horovod_port.py)."""
 import pytest
 
-from conftest import assert_case, mpi_env, run_cases
+from conftest import assert_case, cases_fixture, mpi_env
 
 TESTS = ["broadcast_state", "broadcast_state_options", "broadcast_state_no_grad", "force_allreduce", "names",
          "dynamic_requires_grad", "gradient_clipping", "synchronize_step_warning", "optimizer_process_sets",
          "gradient_aggregation"]
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"np{n}")
-def results(request, tmp_path_factory):
-    # hvd.add_process_set needs Horovod's dynamic process sets
-    return run_cases(request.param, "check_horovod_port.py", tmp_path_factory,
-                     env=dict(mpi_env(), HOROVOD_DYNAMIC_PROCESS_SETS="1"))
+# hvd.add_process_set needs Horovod's dynamic process sets
+results = cases_fixture("check_horovod_port.py", env=dict(mpi_env(), HOROVOD_DYNAMIC_PROCESS_SETS="1"))
 
 
 @pytest.mark.parametrize("flavour", ["allreduce", "ps"])

@@ -2,7 +2,7 @@
 iterate, `allreduce` against torch's SGD, resume, byte counters (see tests/mpi/check_core.py)."""
 import pytest
 
-from conftest import assert_case, run_cases
+from conftest import assert_case, cases_fixture
 
 CASES = ["ps_blocksign_nesterov_matches_reference", "ps_blocksign_heavy_ball_matches_reference",
          "ps_sign_no_momentum_matches_reference", "ps_none_matches_reference", "virtual_iterate_identity",
@@ -10,9 +10,7 @@ CASES = ["ps_blocksign_nesterov_matches_reference", "ps_blocksign_heavy_ball_mat
          "comm_stats_match_formulas", "backward_passes_sum"]
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"np{n}")
-def results(request, tmp_path_factory):
-    return run_cases(request.param, "check_core.py", tmp_path_factory)
+results = cases_fixture("check_core.py")
 
 
 @pytest.mark.parametrize("case", CASES)

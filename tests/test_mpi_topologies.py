@@ -1,7 +1,7 @@
 """The topologies of SPEC §3 under mpirun with 2, 3 and 4 ranks (see tests/mpi/check_topologies.py)."""
 import pytest
 
-from conftest import assert_case, run_cases
+from conftest import assert_case, cases_fixture
 
 CASES = ["sharded_equals_ps", "majority_vote_matches_signum_simulation", "allgather_matches_one_way_error_feedback",
          "tree_descends_quadratic", "ring_descends_quadratic", "comm_stats_allreduce", "comm_stats_ps",
@@ -9,9 +9,7 @@ CASES = ["sharded_equals_ps", "majority_vote_matches_signum_simulation", "allgat
          "comm_stats_majority_vote", "sharded_bytes_near_spec_formula", "scalars_go_raw"]
 
 
-@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda n: f"np{n}")
-def results(request, tmp_path_factory):
-    return run_cases(request.param, "check_topologies.py", tmp_path_factory)
+results = cases_fixture("check_topologies.py", ranks=(2, 3, 4))
 
 
 @pytest.mark.parametrize("case", CASES)

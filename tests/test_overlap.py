@@ -2,7 +2,7 @@
 bit on every topology, and a step that cannot keep it changes nothing (see tests/mpi/check_overlap.py)."""
 import pytest
 
-from conftest import assert_case, run_cases
+from conftest import assert_case, cases_fixture
 from hvd_distef import buckets
 
 CASES = ["overlap_equals_the_fused_step_every_topology", "changes_after_backward_are_redone",
@@ -11,9 +11,7 @@ CASES = ["overlap_equals_the_fused_step_every_topology", "changes_after_backward
          "checkpoint_resumes_under_overlap", "a_failure_on_one_rank_raises_everywhere_and_changes_nothing"]
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"np{n}")
-def results(request, tmp_path_factory):
-    return run_cases(request.param, "check_overlap.py", tmp_path_factory)
+results = cases_fixture("check_overlap.py")
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -2,7 +2,7 @@
 (see tests/mpi/check_parity.py)."""
 import pytest
 
-from conftest import assert_case, run_cases
+from conftest import assert_case, cases_fixture
 
 CASES = ["frozen_and_gradless_parameters_untouched_every_way", "frozen_parameters_under_allreduce_equal_stock_horovod",
          "step_with_no_gradients_changes_nothing", "param_groups_are_shared", "hyperparameters_change_at_run_time",
@@ -16,9 +16,7 @@ CASES = ["frozen_and_gradless_parameters_untouched_every_way", "frozen_parameter
          "many_optimizers_share_one_communicator_and_watchdog", "user_compressor_with_arbitrary_attributes"]
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"np{n}")
-def results(request, tmp_path_factory):
-    return run_cases(request.param, "check_parity.py", tmp_path_factory)
+results = cases_fixture("check_parity.py")
 
 
 @pytest.mark.parametrize("case", CASES)
