@@ -29,14 +29,17 @@ class Shard(NamedTuple):
 
 
 def lr_ratio_segments(group_bounds: Sequence[Tuple[int, int]], prev_lrs: Sequence[float], lrs: Sequence[float],
-                      idle: Sequence[Tuple[int, int]] = ()) -> Segments:
+                      idle: Sequence[Tuple[int, int]] = (), decay: Optional[float] = None) -> Segments:
     """(start, stop, η_{t-1}/η_t) for each param group's slice of the fused buffer (η_{-1} = 0), where
     η_{t-1} is the group's last non-zero lr. A group at lr = 0, and the ``idle`` slices (parameters
-    no rank has a gradient for), get ratio 0: their errors are kept aside and put back (SPEC §5a)."""
+    no rank has a gradient for), get ratio 0: their errors are kept aside and put back (SPEC §5a).
+
+    ``decay``: the ratio is this fixed β instead (errors decayed by β each step, whatever the lr:
+    Wu et al. 2018's alternative to the rescale, for comparison; the paper's rule is the default)."""
     cuts = sorted(idle)
     segments = []
     for (start, stop), prev, lr in zip(group_bounds, prev_lrs, lrs):
-        ratio = prev / lr if lr > 0 else 0.0
+        ratio = 0.0 if lr <= 0 else prev / lr if decay is None else decay
         at = start
         for a, b in cuts:
             if b <= at or a >= stop:

@@ -107,6 +107,9 @@ class DistributedOptimizer(torch.optim.SGD):
             momentum and the like before backward (a change after it makes ``step()`` redo the
             exchange); ``zero_grad()`` between that backward and ``step()`` raises, as in Horovod.
         bucket_cap_mb: MiB of float32 per bucket with ``overlap=True`` (DDP's ``bucket_cap_mb``).
+        error_decay: multiply both error memories by this fixed β in [0, 1] each step instead of
+            rescaling them by η_{t-1}/η_t (Wu et al. 2018; for comparison with SPEC §1's rule,
+            which None, the default, keeps).
         comm: an mpi4py communicator to use instead of ``MPI.COMM_WORLD`` (duplicated once per process).
         timeout_s: abort the job when one of our collectives waits longer than this (a dead or hung
             peer); default: the HVD_DISTEF_TIMEOUT_S environment variable, else 300 s.
@@ -124,7 +127,8 @@ class DistributedOptimizer(torch.optim.SGD):
                  gradient_predivide_factor: float = 1.0, num_groups: int = 0, groups=None,
                  sparse_as_dense: bool = False, process_set=None, *, topology: str = "ps",
                  nonfinite: Optional[str] = None, overlap: bool = False,
-                 bucket_cap_mb: float = buckets.DEFAULT_BUCKET_CAP_MB, comm=None, timeout_s: Optional[float] = None):
+                 bucket_cap_mb: float = buckets.DEFAULT_BUCKET_CAP_MB, error_decay: Optional[float] = None,
+                 comm=None, timeout_s: Optional[float] = None):
         failure = None
         try:
             topology_cls = self._configure(optimizer, named_parameters, compression, topology,
@@ -134,6 +138,11 @@ class DistributedOptimizer(torch.optim.SGD):
             self.overlap = overlap
             self._bucket_plan = buckets.plan(self._layout.sizes, bucket_cap_mb if overlap else None)
             self.bucket_cap_mb = float(bucket_cap_mb) if overlap else None
+            if error_decay is not None and not 0 <= error_decay <= 1:
+                raise ValueError(f"error_decay must be in [0, 1], got {error_decay!r}")
+            if error_decay is not None and self._rule != "ef":
+                raise ValueError(f"error_decay is for error-feedback topologies; {topology!r} keeps no errors")
+            self.error_decay = None if error_decay is None else float(error_decay)
             self._op = horovod_args.reduce_op(op, topology_cls.update_rule)
             self._predivide = horovod_args.check_predivide(gradient_predivide_factor, self._op)
             horovod_args.check_groups(num_groups, groups)
@@ -264,7 +273,7 @@ class DistributedOptimizer(torch.optim.SGD):
             "world_size": self.comm.size,
             "compression": self.compressor.name, "compression_options": self.compressor.config(),
             "topology": self._topology_name, "backward_passes_per_step": self.backward_passes_per_step,
-            "overlap": self.overlap, "bucket_cap_mb": self.bucket_cap_mb,
+            "overlap": self.overlap, "bucket_cap_mb": self.bucket_cap_mb, "error_decay": self.error_decay,
             "parameters": hashlib.sha1(json.dumps(shapes).encode()).hexdigest(),
             "numel": self.numel, "num_params": len(layout.params),
             "group_sizes": [len(ps) for ps in layout.group_params],
@@ -487,7 +496,7 @@ class DistributedOptimizer(torch.optim.SGD):
 
     def _segments(self, idle: List[Range]) -> Segments:
         return lr_ratio_segments(self._layout.group_bounds, [g["prev_lr"] for g in self.param_groups],
-                                 [g["lr"] for g in self.param_groups], idle)
+                                 [g["lr"] for g in self.param_groups], idle, self.error_decay)
 
     def _untouched(self, idle: List[Range], params: List[torch.Tensor]) -> List[Untouched]:
         """Idle parameters keep everything; groups at lr = 0 keep their errors (SPEC §5a)."""
@@ -658,6 +667,18 @@ class DistributedOptimizer(torch.optim.SGD):
         return {"bytes_sent": self.comm.bytes_sent, "bytes_received": self.comm.bytes_received,
                 "steps": self._steps, "skipped_steps": self._skipped_steps, "redone_steps": self._redone_steps,
                 "compress_time_s": self._seconds["compress"], "exchange_time_s": self._seconds["exchange"]}
+
+    def partial_sum_density(self) -> dict:
+        """Mean fraction of nonzeros of the partial sums this rank recompressed so far, by the number
+        of workers' Δ_i each sums (``ring``: one per hop; ``tree``: one per inner node; empty for
+        the other topologies, which never recompress a sum). With a sparsifier such as ``topk``, how
+        fast the sums fill in along the ring or up the tree."""
+        totals: dict = {}
+        for bucket in self.buckets:
+            for terms, (nonzeros, elements) in bucket.topology.partial_sums.items():
+                t = totals.setdefault(terms, [0, 0])
+                t[0], t[1] = t[0] + nonzeros, t[1] + elements
+        return {terms: nonzeros / elements for terms, (nonzeros, elements) in sorted(totals.items()) if elements}
 
     def state_dict(self) -> dict:
         """torch's SGD state dict plus ours. Under error feedback ``state`` holds, per parameter, views

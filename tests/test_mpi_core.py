@@ -5,7 +5,8 @@ import pytest
 from conftest import assert_case, cases_fixture
 
 CASES = ["ps_blocksign_nesterov_matches_reference", "ps_blocksign_heavy_ball_matches_reference",
-         "ps_sign_no_momentum_matches_reference", "ps_none_matches_reference", "virtual_iterate_identity",
+         "ps_sign_no_momentum_matches_reference", "ps_none_matches_reference",
+         "ps_error_decay_matches_reference", "virtual_iterate_identity",
          "allreduce_matches_torch_sgd", "resume_ps_blocksign", "resume_ps_randomk", "resume_allreduce",
          "comm_stats_match_formulas", "backward_passes_sum"]
 

@@ -50,6 +50,9 @@ class Topology:
         # ``delta`` when given (the topology's bucket of the optimizer's flat update), else its own.
         # What ``exchange`` returns is valid until the next exchange.
         self.delta = torch.zeros(self.numel, dtype=torch.float32, device=self.device) if delta is None else delta
+        # terms -> [nonzeros, elements] of the partial sums of that many workers' Δ_i that this rank
+        # recompressed (ring and tree hops; the server's full sum too): how dense they get
+        self.partial_sums: Dict[int, List[int]] = {}
 
     def make_shards(self, tensor_sizes: Sequence[int]) -> List[Shard]:
         """How a worker's vector is cut into payloads: one shard by default."""
@@ -80,6 +83,12 @@ class Topology:
         raise NotImplementedError
 
     # --- shared pieces -------------------------------------------------------------------------
+    def note_partial_sum(self, partial: torch.Tensor, terms: int) -> None:
+        """Count the nonzeros of a partial sum of ``terms`` workers' Δ_i about to be compressed."""
+        entry = self.partial_sums.setdefault(terms, [0, 0])
+        entry[0] += int(torch.count_nonzero(partial))
+        entry[1] += partial.numel()
+
     def decode(self, buf: torch.Tensor, shard: int = 0) -> Payload:
         """A shard's payload from its wire bytes."""
         s = self.shards[shard]

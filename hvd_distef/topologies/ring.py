@@ -34,6 +34,7 @@ class Ring(ShardPerRank):
             incoming = comm.sendrecv(outgoing.to_bytes(), right, sizes[in_chunk], left)
             partial = self.compressor.decompress(self.decode(incoming, in_chunk)).clone()
             partial.add_(self.compressor.decompress(payloads[in_chunk]))
+            self.note_partial_sum(partial, k + 2)
             if k < M - 2:
                 block_sizes = self.shards[in_chunk].block_sizes
                 outgoing = self.compressor.compress(partial, block_sizes)  # no error memory here

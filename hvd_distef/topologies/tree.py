@@ -35,12 +35,18 @@ def binomial_tree(rank: int, size: int) -> Tuple[Optional[int], List[int]]:
     return None, children
 
 
+def subtree_size(rank: int, size: int) -> int:
+    """How many ranks the binomial subtree of ``rank`` holds (itself included)."""
+    return 1 + sum(subtree_size(child, size) for child in binomial_tree(rank, size)[1])
+
+
 class Tree(Topology):
     name = "tree"
 
     def __init__(self, comm, compressor, tensor_sizes, device="cpu", delta=None):
         super().__init__(comm, compressor, tensor_sizes, device, delta)
         self.parent, self.children = binomial_tree(comm.rank, comm.size)
+        self.subtree_size = subtree_size(comm.rank, comm.size)
         if comm.rank == ROOT:
             self.server_memory = ErrorMemory(self.numel, self.device)
 
@@ -51,6 +57,7 @@ class Tree(Topology):
             partial = self.compressor.decompress(message).clone()
             for child in self.children:
                 partial.add_(self.compressor.decompress(self.decode(comm.recv(s, child, self.device))))
+            self.note_partial_sum(partial, self.subtree_size)
             if self.parent is None:
                 message = self.server_compress(partial.div_(comm.size), segments)
             else:

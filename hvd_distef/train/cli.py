@@ -78,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", action="store_true",
                    help="exchange gradient buckets during backward (DistributedOptimizer(overlap=True))")
     p.add_argument("--bucket-cap-mb", type=positive_float, default=25.0, help="MiB per bucket with --overlap")
+    p.add_argument("--error-decay", type=float, metavar="BETA",
+                   help="decay both errors by BETA each step instead of rescaling them by the lr ratio")
     p.add_argument("--model", default="mlp", choices=sorted(MODELS))
     p.add_argument("--data", default="digits", choices=sorted(LOADERS))
     p.add_argument("--data-dir", type=Path, help="folder with the CIFAR archive or its extracted folder")
@@ -118,6 +120,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error("--block-size is for blocksign; --method horovod sends float32 or fp16")
         if args.overlap:
             p.error("--overlap is ours; --method horovod always overlaps (its own hooks and fusion)")
+    if args.error_decay is not None and not 0 <= args.error_decay <= 1:
+        p.error(f"--error-decay must be in [0, 1], got {args.error_decay}")
     if not 0 <= args.momentum < 1:
         p.error(f"--momentum must be in [0, 1), got {args.momentum}")
     if args.nesterov and args.momentum == 0:

@@ -14,12 +14,14 @@ RANK, M = COMM.rank, COMM.size
 STEPS, MILESTONES = 20, [7, 14]  # two LR drops
 
 
-def _against_reference(compression, ref_compress, momentum=0.9, nesterov=True, weight_decay=5e-4, tol=2e-6):
+def _against_reference(compression, ref_compress, momentum=0.9, nesterov=True, weight_decay=5e-4, tol=2e-6,
+                       error_decay=None):
     model = make_model()
     opt = wrap(model, sgd_two_groups(model, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
-               compression=compression, topology="ps")
+               compression=compression, topology="ps", error_decay=error_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, MILESTONES, gamma=0.1)
-    ref = reference.ReferenceDistEF(list(model.parameters()), hypers_of(opt), M, ref_compress)
+    ref = reference.ReferenceDistEF(list(model.parameters()), hypers_of(opt), M, ref_compress,
+                                    error_decay=error_decay)
     worst = 0.0
     for t in range(STEPS):
         lrs = {gi: g["lr"] for gi, g in enumerate(opt.param_groups)}
@@ -48,6 +50,19 @@ def ps_sign_no_momentum_matches_reference():
 
 def ps_none_matches_reference():
     return _against_reference("none", reference.identity)
+
+
+def ps_error_decay_matches_reference():
+    """error_decay=β: both errors decay by β each step across the LR drops (Wu et al. 2018's rule);
+    refused where there are no errors, or outside [0, 1]."""
+    for topology, beta in (("allreduce", 0.9), ("ps", 1.5)):
+        try:
+            model = make_model()
+            wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), topology=topology, error_decay=beta)
+            raise AssertionError(f"error_decay={beta} accepted under {topology}")
+        except ValueError as exc:
+            assert "error_decay" in str(exc), exc
+    return _against_reference("blocksign", reference.blocksign_per_tensor, error_decay=0.9)
 
 
 def virtual_iterate_identity():
@@ -213,7 +228,8 @@ def backward_passes_sum():
 
 CASES = {f.__name__: f for f in [
     ps_blocksign_nesterov_matches_reference, ps_blocksign_heavy_ball_matches_reference,
-    ps_sign_no_momentum_matches_reference, ps_none_matches_reference, virtual_iterate_identity,
+    ps_sign_no_momentum_matches_reference, ps_none_matches_reference, ps_error_decay_matches_reference,
+    virtual_iterate_identity,
     allreduce_matches_torch_sgd, resume_ps_blocksign, resume_ps_randomk, resume_allreduce,
     comm_stats_match_formulas, backward_passes_sum]}
 

@@ -206,11 +206,27 @@ def scalars_go_raw():
     return "; ".join(out)
 
 
+def partial_sum_density_by_hop():
+    """Nonzero fraction of the recompressed partial sums: dense sums are full at every hop of the ring
+    (2..M terms) and at every inner node of the tree (its subtree's size); a top-k sum stays sparse;
+    ps and sharded recompress no partial sum."""
+    from hvd_distef.topologies.tree import subtree_size
+    inner = [subtree_size(RANK, M)] if RANK == 0 or subtree_size(RANK, M) > 1 else []
+    for topology, hops in (("ring", list(range(2, M + 1))), ("tree", inner)):
+        dense = _stats_after(topology, "none")[0].partial_sum_density()
+        assert dense == {t: 1.0 for t in hops}, (topology, dense)
+        sparse = _stats_after(topology, hvd_distef.Compression.topk(ratio=0.05))[0].partial_sum_density()
+        assert list(sparse) == hops and all(0 < v < 0.5 for v in sparse.values()), (topology, sparse)
+    for topology in ("ps", "sharded"):
+        assert _stats_after(topology, "topk")[0].partial_sum_density() == {}, topology
+    return f"ring+topk: {sparse}"
+
+
 CASES = {f.__name__: f for f in [
     sharded_equals_ps, majority_vote_matches_signum_simulation, allgather_matches_one_way_error_feedback,
     tree_descends_quadratic, ring_descends_quadratic, comm_stats_allreduce, comm_stats_ps, comm_stats_sharded,
     comm_stats_ring, comm_stats_tree, comm_stats_allgather, comm_stats_majority_vote,
-    sharded_bytes_near_spec_formula, scalars_go_raw]}
+    sharded_bytes_near_spec_formula, scalars_go_raw, partial_sum_density_by_hop]}
 
 if __name__ == "__main__":
     run(CASES)

@@ -26,12 +26,13 @@ class ReferenceDistEF:
     """Parameters, worker momenta m_i, worker errors e_i, server error ẽ, weight-decay buffer w."""
 
     def __init__(self, params: Tensors, hypers: Sequence[dict], workers: int, compress: Callable[[Tensors], Tensors],
-                 two_way: bool = True):
+                 two_way: bool = True, error_decay=None):
         self.x = [p.detach().clone() for p in params]
         self.hypers = list(hypers)  # per tensor: momentum, nesterov, weight_decay, group
         self.M = workers
         self.compress = compress
         self.two_way = two_way  # False: one-way EF, the server averages and sends uncompressed
+        self.error_decay = error_decay  # a fixed β for both errors instead of η_{t-1}/η_t
         zeros = lambda: [torch.zeros_like(p) for p in self.x]  # noqa: E731
         self.m = [zeros() for _ in range(workers)]
         self.e = [zeros() for _ in range(workers)]
@@ -41,7 +42,8 @@ class ReferenceDistEF:
 
     def step(self, worker_grads: List[Tensors], group_lrs: dict) -> None:
         lr = [group_lrs[h["group"]] for h in self.hypers]
-        ratio = [self.prev_lr.get(h["group"], 0.0) / group_lrs[h["group"]] for h in self.hypers]
+        ratio = [self.prev_lr.get(h["group"], 0.0) / group_lrs[h["group"]] if self.error_decay is None
+                 else self.error_decay for h in self.hypers]
         deltas = []
         for i in range(self.M):
             ps = []
