@@ -166,7 +166,11 @@ def main():
     ap.add_argument("--train-args", default="--model wide-mlp --data mnist5k --batch-size 32",
                     help="hvd_distef.train flags for every method")
     ap.add_argument("--out", type=Path, default=RESULTS / "e2e.json")
+    ap.add_argument("--render", action="store_true", help="run nothing: tables and plots from --out as it is")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads(args.out.read_text())
+        return render(saved, saved["training"], saved["synthetic"], saved["target"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     chosen = methods()
     lines = Path(tempfile.mkdtemp()) / "records.jsonl"
@@ -198,12 +202,17 @@ def main():
     finally:
         records = [json.loads(line) for line in lines.read_text().splitlines()] if lines.exists() else []
         args.out.write_text(json.dumps({**header, "training": records, "synthetic": synth}, indent=1))
-    md = (f"CPU: {header['cpu']}; command: `{header['command']}`\n\n" + train_table(records, args.target) + "\n\n"
+    return render(header, records, synth, args.target)
+
+
+def render(header: dict, records: list, synth: list, target: float) -> int:
+    """e2e.md and the plots from the records; prints the tables."""
+    md = (f"CPU: {header['cpu']}; command: `{header['command']}`\n\n" + train_table(records, target) + "\n\n"
           + synthetic_table(synth) + "\n")
     (RESULTS / "e2e.md").write_text(md)
-    paths = plot(records, args.target)
+    paths = plot(records, target)
     print(md)
-    print("wrote", args.out, RESULTS / "e2e.md", *paths)
+    print("wrote", RESULTS / "e2e.md", *paths)
     return 0
 
 
