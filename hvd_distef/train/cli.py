@@ -99,6 +99,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=positive_int, help="epochs between checkpoints (in --log-dir)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --log-dir")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--log-gradient-stats", action="store_true",
+                   help="add per-layer gradient magnitudes, blockwise and whole-buffer δ, partial-sum "
+                        "densities and error norms to each epoch's metrics (hvd_distef/train/stats.py)")
     return p
 
 
@@ -120,6 +123,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error("--block-size is for blocksign; --method horovod sends float32 or fp16")
         if args.overlap:
             p.error("--overlap is ours; --method horovod always overlaps (its own hooks and fusion)")
+        if args.log_gradient_stats:
+            p.error("--log-gradient-stats reads p.grad before step(), which Horovod's hooks may be "
+                    "averaging in place; use --method sgdm for the SGDM baseline's statistics")
     if args.error_decay is not None and not 0 <= args.error_decay <= 1:
         p.error(f"--error-decay must be in [0, 1], got {args.error_decay}")
     if not 0 <= args.momentum < 1:

@@ -17,6 +17,7 @@ from ..errors import HvdDistefError
 from .cli import HOROVOD_COMPRESSION, METHODS
 from .data import Dataset, load
 from .models import build
+from .stats import gradient_stats, optimizer_stats
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -169,11 +170,14 @@ def train(args: argparse.Namespace) -> Tuple[float, float]:
         start = time.perf_counter()
         loss_sum = 0.0
         batches = data.train_batches(rank, ranks, args.batch_size, epoch, args.seed)
-        for x, y in tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                         disable=rank != 0 or not args.progress):
+        stats = {}
+        for i, (x, y) in enumerate(tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{args.epochs}",
+                                        leave=False, disable=rank != 0 or not args.progress)):
             opt.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
+            if args.log_gradient_stats and i == steps - 1:
+                stats["grad_stats"] = gradient_stats(model)
             opt.step()
             sched.step()
             loss_sum += loss.item()
@@ -191,6 +195,8 @@ def train(args: argparse.Namespace) -> Tuple[float, float]:
             "wall_time_s": wall, "step_time_s": seconds / steps, **exchange,
             "max_bytes_sent_per_step": max(sent_by_rank), "lr": opt.param_groups[0]["lr"],
         }
+        if args.log_gradient_stats:
+            record.update(stats, **optimizer_stats(hvd, opt))
         if rank == 0:
             with metrics.open("a") as f:
                 f.write(json.dumps(record) + "\n")
