@@ -1,0 +1,39 @@
+"""Claim 3 (rebuttal lines 44-47): the blockwise compressor beats one scale for the whole buffer
+(the authors: 74.7% -> 75.0% on CIFAR-100, ResNet-10, batch 16 per worker). ef-blocksgdm (a sign
+scale per tensor) against ef-sgdm (one scale), batch 16 per worker, same seeds."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from ..train.cli import METHODS
+from .report import Analysis, accuracy_table, curves
+from .runs import Outcome, Scale, Setting, final_accuracy
+from .verdict import better
+
+NAME = "blockwise"
+TITLE = "blockwise sign scales beat one scale"
+LINES = "44–47"
+CLAIM = ("Dist-EF-BlockSGD improves the test accuracy of the non-block version (one scale) from 74.7% to 75.0% "
+         "(ResNet-10, CIFAR-100, batch 16 per worker)")
+
+
+def schedule(scale: Scale) -> List[str]:
+    if scale.quick:
+        return ["--epochs", "4", "--batch-size", "16"]
+    return ["--epochs", "200", "--batch-size", "16", "--lr-decay-epochs", "100", "150"]
+
+
+def settings(scale: Scale, ranks: int) -> List[Setting]:
+    args = tuple(schedule(scale))
+    return [Setting(m, m, args, ranks, METHODS[m]["lr"]) for m in ("ef-blocksgdm", "ef-sgdm")]
+
+
+def analyse(outcomes: Dict[str, Outcome], scale: Scale, out) -> Analysis:
+    acc = {name: o.stat(final_accuracy) for name, o in outcomes.items()}
+    plots = [curves(outcomes, "test_accuracy", "test accuracy (%)", out / "accuracy.png")]
+    setup = ("`ef-blocksgdm` (ps, a sign scale per parameter tensor) against `ef-sgdm` (ps, one scale for the "
+             f"fused buffer), Nesterov μ = 0.9, `{' '.join(schedule(scale))}` per worker. The effect the authors "
+             "report is 0.3 points: the verdict says whether our seeds resolve a difference that small.")
+    return Analysis(setup, [accuracy_table(outcomes)], plots,
+                    better("ef-blocksgdm", acc["ef-blocksgdm"], "ef-sgdm", acc["ef-sgdm"], "final test accuracy (%)"),
+                    {"final_test_accuracy": acc})
