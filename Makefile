@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 
 SLURM_DIR ?= /tmp/hvd_distef_slurm
 
-.PHONY: install test demo clean slurm-up slurm-down
+.PHONY: install test demo experiments clean slurm-up slurm-down
 
 install:
 	@bash scripts/install.sh
@@ -16,6 +16,10 @@ test: install
 
 demo: install
 	MPIEXEC=$(MPIEXEC) NP=$(NP) bash launch/demo.sh
+
+# the authors' six claims at this machine's scale (about 30 minutes on 2 cores) -> EXPERIMENTS.md
+experiments: install
+	$(PY) -m hvd_distef.experiments all --quick
 
 slurm-up: install
 	bash launch/slurm/local_cluster.sh up $(SLURM_DIR)
