@@ -5,11 +5,13 @@ import json
 import math
 
 import pytest
+import torch
 
+from conftest import run_mpi
 from hvd_distef.experiments import CLAIMS, driver, runs as runs_mod
 from hvd_distef.experiments.report import time_to_accuracy_ratios
 from hvd_distef.experiments.verdict import AGREES, DISAGREES, NOT_MEASURABLE, Verdict, better, combine, mean_std
-from hvd_distef.train import cli
+from hvd_distef.train import cli, stats
 
 
 def test_mean_std_is_the_sample_deviation():
@@ -152,3 +154,27 @@ def test_tree_ring_densities_come_from_the_last_epoch(tmp_path):
     assert density["2"][0] == pytest.approx(0.019) and density["4"][0] == pytest.approx(0.029)
     assert math.isclose(density["4"][1], 0.001)
     assert summary["verdict"] == NOT_MEASURABLE  # equal accuracies and exchange times: no part can agree
+
+
+def test_gradient_stats_on_hand_made_gradients():
+    layer = torch.nn.Linear(2, 2)
+    layer.weight.grad = torch.tensor([[1.0, -1.0], [1.0, 1.0]])  # equal magnitudes: δ_b = 1
+    layer.bias.grad = torch.tensor([3.0, 4.0])                     # (3 + 4)² / (2·25) = 0.98
+    s = stats.gradient_stats(layer)
+    assert s["mean_abs"] == {"weight": 1.0, "bias": 3.5}
+    assert s["delta"] == {"weight": 1.0, "bias": pytest.approx(0.98)}
+    assert s["delta_min"] == pytest.approx(0.98)
+    assert s["delta_whole"] == pytest.approx(11.0 ** 2 / (6 * 29))           # ‖g‖₁²/(d‖g‖²) over all 6
+    assert s["delta_blockwise"] == pytest.approx((4.0 ** 2 / 4 + 7.0 ** 2 / 2) / 29)
+
+
+def test_log_gradient_stats_under_mpirun(tmp_path):
+    """The metrics the claims read, from a real 2-rank run along the ring with top-k."""
+    run_mpi(2, ["-m", "hvd_distef.train", "--method", "ef-blocksgdm", "--topology", "ring", "--compression", "topk",
+                "--data", "digits", "--subset", "256", "--batch-size", "16", "--epochs", "1", "--no-progress",
+                "--log-gradient-stats", "--log-dir", tmp_path])
+    [epoch] = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert set(epoch["grad_stats"]["mean_abs"]) == {"1.weight", "1.bias", "3.weight", "3.bias"}
+    assert 0 < epoch["grad_stats"]["delta_whole"] <= epoch["grad_stats"]["delta_blockwise"] <= 1
+    assert list(epoch["partial_sum_density"]) == ["2"] and 0 < epoch["partial_sum_density"]["2"] <= 0.025  # ≤ 2k/n
+    assert epoch["virtual_gap"] > 0 and epoch["worker_error_norm"] > 0 and epoch["server_error_norm"] > 0
