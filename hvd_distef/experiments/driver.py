@@ -1,6 +1,6 @@
-"""``python -m hvd_distef.experiments CLAIM... [--quick] [--ranks M] [--data D] [--partition P]``.
+"""Run the claims of the authors' rebuttal as training experiments and rebuild EXPERIMENTS.md.
 
-For each claim: plan its runs (settings x lr grid x seeds), launch them (``mpirun`` one after another,
+``python -m hvd_distef.experiments CLAIM... [--quick] [--ranks M] [--data D] [--partition P]``: for each claim: plan its runs (settings x lr grid x seeds), launch them (``mpirun`` one after another,
 or ``sbatch --wait`` on ``--partition`` all at once), read them back, judge, and write
 ``experiments/results/CLAIM/`` (runs.jsonl, summary.json, report.md, PNG plots, the runs' folders);
 then rebuild ``EXPERIMENTS.md`` from every claim's results present. ``all`` runs every claim.

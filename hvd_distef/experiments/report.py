@@ -166,8 +166,10 @@ def headline(path: Path) -> str:
     """The end-to-end benchmark's time-to-accuracy table (``path``: its ``e2e.md``), cited, with the ratio
     of ef-blocksgdm's (ps) time to Horovod's for each link and rank count, against the paper's 0.54x."""
     intro = ("## Headline: time to accuracy (the paper: SGDM's accuracy in 46% less wall-clock)\n\n"
-             "Measured by the end-to-end benchmark on emulated links (`benchmarks/netem/run_train.py`, "
-             "`BENCHMARKS.md`), not by this driver; cited from its result file `" + str(E2E_REPORT) + "`.")
+             "Measured by the end-to-end benchmark on emulated links, not by this driver: real training of "
+             "`horovod` (stock `hvd.DistributedOptimizer`) and `ef-blocksgdm` interleaved in one job per link "
+             "rate and rank count (`.venv/bin/python benchmarks/netem/run_train.py`, as root; its setup and "
+             "discussion are in `BENCHMARKS.md`). Cited from its result file `" + str(E2E_REPORT) + "`.")
     if not path.is_file():
         return intro + " That file is not there yet: run the benchmark first.\n"
     text = path.read_text()
