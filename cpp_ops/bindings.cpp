@@ -20,7 +20,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("majority_vote", &majority_vote, "M packed sign rows -> (positive, non-zero) bit masks of their vote");
   m.def("unpack_vote", &unpack_vote, "the vote as float32 -1, 0, +1", py::arg("vote"), py::arg("numel"),
         py::arg("out") = py::none());
-  m.def("momentum_", &momentum_, "m = mu m + g; g = g + mu m (nesterov) or m, in place");
+  m.def("gather_momentum", &gather_momentum,
+        "m' = mu m + g; d = g + mu m' (nesterov) or m', g read from each gradient; returns all-finite");
   m.def("descend_", &descend_, "w = mu w + wd x; x -= lr (delta + (nesterov ? mu w + wd x : w))",
         py::arg("params"), py::arg("delta"), py::arg("decay_buffer"), py::arg("lr"), py::arg("mu"),
         py::arg("weight_decay"), py::arg("nesterov"));

@@ -53,6 +53,7 @@ at::Tensor majority_vote(at::Tensor rows, int64_t numel);
 at::Tensor unpack_vote(at::Tensor vote, int64_t numel, c10::optional<at::Tensor> out);
 
 // sgd_update.cpp: the optimizer's element-wise passes around the exchange (SPEC §1)
-void momentum_(at::Tensor grad, at::Tensor momentum, double mu, bool nesterov);
+bool gather_momentum(std::vector<at::Tensor> grads, std::vector<int64_t> sizes, at::Tensor d, at::Tensor momentum,
+                     at::Tensor momentum_out, double mu, bool nesterov, c10::optional<double> inv_scale);
 void descend_(std::vector<at::Tensor> params, at::Tensor delta, c10::optional<at::Tensor> decay_buffer,
               double lr, double mu, double weight_decay, bool nesterov);

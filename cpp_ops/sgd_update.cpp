@@ -7,31 +7,67 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kGrain = 1 << 15;
 
+// 1 when x is an inf or a NaN (all exponent bits set), else 0.
+inline uint32_t nonfinite_bit(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return (u & 0x7f800000u) == 0x7f800000u;
+}
+
 void check_flat(const at::Tensor& t, const char* what) {
   TORCH_CHECK_VALUE(t.device().is_cpu() && t.dtype() == at::kFloat && t.is_contiguous(), what,
                     " must be a contiguous float32 CPU tensor");
 }
 
-HOT void momentum_range(float* g, float* m, int64_t n, float mu, bool nesterov) {
-  if (nesterov) {
+// Over n elements of one parameter: gi = g*s (s: AMP's inverse loss scale, or 1: exact) or +0.0
+// without a gradient (g null); m_out = mu*m_in + gi; d = gi + mu*m_out (nesterov) or m_out; with
+// mu = 0, d = gi and m_out = m_in. Returns whether some gi is not finite (an OR of exponent tests:
+// no loop-carried float sum, so the loops vectorise). m_in and m_out may be the same buffer.
+HOT bool gather_momentum_range(const float* __restrict__ g, float* __restrict__ d, const float* m_in, float* m_out,
+                               int64_t n, float mu, bool nesterov, float s) {
+  if (g == nullptr) {
     for (int64_t i = 0; i < n; ++i) {
-      const float mi = m[i] * mu + g[i];
-      m[i] = mi;
-      g[i] = g[i] + mi * mu;
+      const float mi = mu == 0.0f ? m_in[i] : m_in[i] * mu + 0.0f;
+      m_out[i] = mi;
+      d[i] = mu == 0.0f ? 0.0f : nesterov ? 0.0f + mi * mu : mi;
+    }
+    return false;
+  }
+  uint32_t bad = 0;
+  if (mu == 0.0f) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = g[i] * s;
+      bad |= nonfinite_bit(gi);
+      m_out[i] = m_in[i];
+      d[i] = gi;
+    }
+  } else if (nesterov) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = g[i] * s;
+      bad |= nonfinite_bit(gi);
+      const float mi = m_in[i] * mu + gi;
+      m_out[i] = mi;
+      d[i] = gi + mi * mu;
     }
   } else {
     for (int64_t i = 0; i < n; ++i) {
-      const float mi = m[i] * mu + g[i];
-      m[i] = mi;
-      g[i] = mi;
+      const float gi = g[i] * s;
+      bad |= nonfinite_bit(gi);
+      const float mi = m_in[i] * mu + gi;
+      m_out[i] = mi;
+      d[i] = mi;
     }
   }
+  return bad != 0;
 }
 
 // x -= lr*u over n elements, u = delta (no weight decay), or with decay = wd*x and w = mu*w + decay:
@@ -58,16 +94,54 @@ HOT void descend_range(float* x, const float* delta, float* w, int64_t n, float 
 
 }  // namespace
 
-// m = mu*m + g;  g = g + mu*m (nesterov) or m: the worker's momentum of SPEC §1, in place.
-void momentum_(at::Tensor grad, at::Tensor momentum, double mu, bool nesterov) {
-  check_flat(grad, "grad");
+// The worker's momentum of SPEC §1 for one param group, reading each gradient where backward left
+// it: d = g + mu*m' (nesterov) or m', m' = mu*m + g, with g = grad*inv_scale (AMP) when given and
+// zeros for a parameter without a gradient (an empty tensor). m' goes to momentum_out (another
+// buffer: the step may not go ahead; the same one to update in place), d to the flat buffer d.
+// Returns whether every gradient element (after the scale) is finite.
+bool gather_momentum(std::vector<at::Tensor> grads, std::vector<int64_t> sizes, at::Tensor d, at::Tensor momentum,
+                     at::Tensor momentum_out, double mu, bool nesterov, c10::optional<double> inv_scale) {
+  check_flat(d, "d");
   check_flat(momentum, "momentum");
-  TORCH_CHECK_VALUE(grad.numel() == momentum.numel(), "grad and momentum differ in length");
-  float* g = grad.data_ptr<float>();
-  float* m = momentum.data_ptr<float>();
-  at::parallel_for(0, grad.numel(), kGrain, [&](int64_t lo, int64_t hi) {
-    momentum_range(g + lo, m + lo, hi - lo, (float)mu, nesterov);
+  check_flat(momentum_out, "momentum_out");
+  TORCH_CHECK_VALUE(grads.size() == sizes.size(), "one gradient per size");
+  std::vector<int64_t> offsets{0};
+  std::vector<const float*> gs;
+  for (size_t k = 0; k < grads.size(); ++k) {
+    const at::Tensor& g = grads[k];
+    if (g.numel() == 0) {
+      gs.push_back(nullptr);
+    } else {
+      check_flat(g, "every gradient");
+      TORCH_CHECK_VALUE(g.numel() == sizes[k], "gradient ", k, " has ", g.numel(), " elements, its parameter ",
+                        sizes[k]);
+      gs.push_back(g.data_ptr<float>());
+    }
+    offsets.push_back(offsets.back() + sizes[k]);
+  }
+  const int64_t n = offsets.back();
+  TORCH_CHECK_VALUE(d.numel() == n && momentum.numel() == n && momentum_out.numel() == n,
+                    "d and the momentum buffers must have the gradients' total length ", n);
+  float* dp = d.data_ptr<float>();
+  const float* m_in = momentum.data_ptr<float>();
+  float* m_out = momentum_out.data_ptr<float>();
+  const float s = inv_scale.has_value() ? (float)*inv_scale : 1.0f;
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
+    size_t k = std::upper_bound(offsets.begin(), offsets.end(), lo) - offsets.begin() - 1;
+    bool bad = false;
+    for (int64_t at = lo; at < hi; ++k) {
+      const int64_t end = std::min(hi, offsets[k + 1]);
+      if (end > at) {
+        const int64_t off = at - offsets[k];
+        bad |= gather_momentum_range(gs[k] ? gs[k] + off : nullptr, dp + at, m_in + at, m_out + at, end - at,
+                                     (float)mu, nesterov, s);
+      }
+      at = std::max(at, end);
+    }
+    if (bad) finite.store(false);
   });
+  return finite.load();
 }
 
 // The update of SPEC §1 for one param group: weight decay with its own momentum buffer w

@@ -94,8 +94,11 @@ def unpack_vote(vote, numel, out=None):
     return _compiled_or_torch(vote).unpack_vote(vote, numel, out=out)
 
 
-def momentum_(grad, momentum, mu, nesterov):
-    _pick(grad).momentum_(grad, momentum, mu, nesterov)
+def gather_momentum(grads, sizes, d, momentum, momentum_out, mu, nesterov, inv_scale=None):
+    # the compiled kernel reads each gradient in place: they must be contiguous
+    path = _pick(d) if all(g.is_contiguous() for g in grads) else torch_path
+    return path.gather_momentum(list(grads), [int(n) for n in sizes], d, momentum, momentum_out, mu, nesterov,
+                                inv_scale)
 
 
 def descend_(params, delta, decay_buffer, lr, mu, weight_decay, nesterov):

@@ -138,13 +138,34 @@ def blocksign_server_feedback(scales: List[torch.Tensor], bits: List[torch.Tenso
     return blocksign_feedback(mean, error, block_sizes, segments, prev_scales, prev_bits)
 
 
-def momentum_(grad: torch.Tensor, momentum: torch.Tensor, mu: float, nesterov: bool) -> None:
-    """m = μ·m + g;  g = g + μ·m (nesterov) or m: the worker's momentum of SPEC §1, in place."""
-    momentum.mul_(mu).add_(grad)
+def gather(grads: Sequence[torch.Tensor], sizes: Sequence[int], d: torch.Tensor, inv_scale: Optional[float]) -> bool:
+    """The gradients (an empty tensor: zeros of that size) end to end into ``d``, times ``inv_scale``
+    when given; returns whether every element is finite."""
+    parts = [g.reshape(-1) if g.numel() else d.new_zeros(n) for g, n in zip(grads, sizes)]
+    if parts:
+        torch.cat(parts, out=d)
+    if inv_scale is not None:
+        d.mul_(inv_scale)
+    return bool(torch.isfinite(d).all())
+
+
+def gather_momentum(grads: Sequence[torch.Tensor], sizes: Sequence[int], d: torch.Tensor, momentum: torch.Tensor,
+                    momentum_out: torch.Tensor, mu: float, nesterov: bool, inv_scale: Optional[float] = None) -> bool:
+    """The worker's momentum of SPEC §1 for one param group: g = each gradient (an empty tensor: zeros
+    of that size) times ``inv_scale`` (AMP) when given; m' = μ·m + g into ``momentum_out`` (another
+    buffer, or ``momentum`` itself); d = g + μ·m' (nesterov) or m' into ``d``; with μ = 0, d = g and
+    m' = m. Returns whether every element of g is finite."""
+    finite = gather(grads, sizes, d, inv_scale)
+    if mu == 0:
+        if momentum_out.data_ptr() != momentum.data_ptr():
+            momentum_out.copy_(momentum)
+        return finite
+    torch.mul(momentum, mu, out=momentum_out).add_(d)
     if nesterov:
-        grad.add_(torch.mul(momentum, mu))
+        d.add_(torch.mul(momentum_out, mu))
     else:
-        grad.copy_(momentum)
+        d.copy_(momentum_out)
+    return finite
 
 
 def _views(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _torch_kernels as torch_path
 from ._torch_kernels import Segments
 
 #: elements per task; tiles are aligned to it (a multiple of 32)
@@ -204,12 +205,12 @@ def _decompress_kernel(scales_ptr, bits_ptr, M, num_blocks, num_bytes, out_ptr, 
 
 
 @triton.jit
-def _momentum_kernel(g_ptr, m_ptr, n, mu, NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
+def _momentum_kernel(g_ptr, m_ptr, m_out_ptr, n, mu, NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask)
     m = tl.load(m_ptr + offs, mask=mask) * mu + g
-    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(m_out_ptr + offs, m, mask=mask)
     if NESTEROV:
         g = g + m * mu
     else:
@@ -330,14 +331,22 @@ def blocksign_decompress(scales: torch.Tensor, bits: torch.Tensor, block_sizes: 
     return blocksign_decompress_mean([scales], [bits], block_sizes, numel, out=out, tile=tile)
 
 
-def momentum_(grad: torch.Tensor, momentum: torch.Tensor, mu: float, nesterov: bool) -> None:
-    """m = μ·m + g;  g = g + μ·m (nesterov) or m, in place (float32 [n] each)."""
-    _check(grad, "grad")
-    _check(momentum, "momentum")
-    n = grad.numel()
-    if n:
-        _momentum_kernel[(triton.cdiv(n, ELEMENTWISE),)](grad, momentum, n, mu, NESTEROV=bool(nesterov),
+def gather_momentum(grads: Sequence[torch.Tensor], sizes: Sequence[int], d: torch.Tensor, momentum: torch.Tensor,
+                    momentum_out: torch.Tensor, mu: float, nesterov: bool, inv_scale: Optional[float] = None) -> bool:
+    """``_torch_kernels.gather_momentum``: the gradients gathered into ``d`` by torch, then
+    m' = μ·m + g into ``momentum_out`` and d = g + μ·m' (nesterov) or m' in one launch (float32 [n]
+    each). Returns whether every element of g is finite."""
+    for t, what in ((d, "d"), (momentum, "momentum"), (momentum_out, "momentum_out")):
+        _check(t, what)
+    finite = torch_path.gather(grads, sizes, d, inv_scale)
+    n = d.numel()
+    if mu == 0:
+        if momentum_out.data_ptr() != momentum.data_ptr():
+            momentum_out.copy_(momentum)
+    elif n:
+        _momentum_kernel[(triton.cdiv(n, ELEMENTWISE),)](d, momentum, momentum_out, n, mu, NESTEROV=bool(nesterov),
                                                          BLOCK=ELEMENTWISE, **_LAUNCH)
+    return finite
 
 
 def descend_(params: List[torch.Tensor], delta: torch.Tensor, decay_buffer: Optional[torch.Tensor], lr: float,

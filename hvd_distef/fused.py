@@ -47,6 +47,34 @@ def parameter_names(param_groups: Sequence[dict], named_parameters) -> Dict[torc
     return {p: names[id(p)] for p in everything}
 
 
+class DoubleBuffer:
+    """A flat float32 buffer (SPEC §4) that a step writes into ``next`` while ``current`` keeps its
+    value: ``commit`` makes the step's values current once it has gone ahead on every rank, and a
+    step that does not go ahead leaves everything as it was without a copy (SPEC §5a). The step's
+    kernel reads ``current`` and writes ``next`` in the pass it makes anyway: no extra traffic."""
+
+    def __init__(self, numel: int, device: torch.device | str = "cpu"):
+        self.buffers = (torch.zeros(numel, dtype=torch.float32, device=device),
+                        torch.zeros(numel, dtype=torch.float32, device=device))
+        self.index = 0
+
+    @property
+    def current(self) -> torch.Tensor:
+        return self.buffers[self.index]
+
+    @property
+    def next(self) -> torch.Tensor:
+        return self.buffers[1 - self.index]
+
+    def keep(self, ranges: Sequence[Range]) -> None:
+        """These slices of the step's values are the current ones (what the step must not change)."""
+        for a, b in ranges:
+            self.next[a:b].copy_(self.current[a:b])
+
+    def commit(self) -> None:
+        self.index = 1 - self.index
+
+
 class FusedLayout:
     """The optimizer's parameters laid end to end in one float32 vector.
 
@@ -75,6 +103,7 @@ class FusedLayout:
         self.sizes = [p.numel() for p in self.params]
         self.bounds = offsets(self.sizes)
         self.group_bounds = offsets([sum(p.numel() for p in ps) for ps in self.group_params])
+        self.group_param_bounds = offsets([len(ps) for ps in self.group_params])  # parameter indices
         self.numel = sum(self.sizes)
         self.device = self.params[0].device if self.params else torch.device("cpu")
         elsewhere = [f"{n} on {p.device}" for n, p in zip(self.names, self.params) if p.device != self.device]
@@ -111,6 +140,17 @@ class FusedLayout:
             else:
                 parts.append((g.to_dense() if g.is_sparse else g).reshape(-1))
         return torch.cat(parts, out=out[a:b]) if parts else out[a:b]
+
+    def grads(self, first: int, stop: int) -> List[torch.Tensor]:
+        """The gradients of fused parameters [first, stop) where backward left them, dense (a sparse one
+        densified, as Horovod's ``sparse_as_dense``); an empty tensor where there is none."""
+        empty = torch.empty(0, device=self.device)
+        return [empty if p.grad is None else p.grad.to_dense() if p.grad.is_sparse else p.grad
+                for p in self.params[first:stop]]
+
+    def nonfinite_grads(self, first: int, stop: int) -> List[str]:
+        """Names of the fused parameters [first, stop) whose gradient holds a NaN or inf."""
+        return [n for n, g in zip(self.names[first:stop], self.grads(first, stop)) if not bool(torch.isfinite(g).all())]
 
     def nonfinite(self, flat: torch.Tensor, first: int = 0, stop: Optional[int] = None) -> List[str]:
         """Names of the fused parameters [first, stop) (default: all) whose slice of ``flat`` holds a

@@ -33,7 +33,7 @@ from . import _kernels, agreement, buckets, horovod_args
 from .comm import Comm
 from .compressors import Compression, get_compressor
 from .error_feedback import ErrorMemory, Segments, Shard, lr_ratio_segments, window
-from .fused import FusedLayout, Range
+from .fused import DoubleBuffer, FusedLayout, Range
 from .topologies import Topology, get_topology
 from .untouched import Rollback, Untouched
 
@@ -204,9 +204,15 @@ class DistributedOptimizer(torch.optim.SGD):
         self._worker_compressor = self.compressor.for_stream(self.comm.rank)
         self._grad = zeros()
         own_update = self._rule in ("ef", "signum")
-        self._momentum = zeros() if own_update else None
+        # m_i of SPEC §1: the step writes the next momentum beside the current one (read in the same
+        # pass), and it becomes current when the update is applied; a step that does not go ahead
+        # changes nothing
+        self._momentum = DoubleBuffer(self.numel, self.device) if own_update else None
         self._wd_buffer = zeros() if own_update else None
         self._scratch = zeros() if self._rule == "signum" else None
+        if own_update:  # what opt.state[p] shows (``_initialize_state``)
+            self._momentum_views = [self._layout.views(b) for b in self._momentum.buffers]
+            self._wd_views = self._layout.views(self._wd_buffer)
         self._worker_memory = ErrorMemory(self.numel, self.device) if self._rule == "ef" else None
         self._steps = 0
         self._skipped_steps = 0
@@ -231,7 +237,7 @@ class DistributedOptimizer(torch.optim.SGD):
             for k, bucket in enumerate(self.buckets):
                 bucket_of[bucket.first:bucket.stop_param] = [k] * (bucket.stop_param - bucket.first)
             self._pipeline = buckets.BucketPipeline(bucket_of, lambda k: this()._speculate(k))
-            self._rollback = Rollback(self._momentum, self._worker_memory,
+            self._rollback = Rollback(self._worker_memory,
                                       [b.topology.server_memory for b in self.buckets], self._worker_compressor,
                                       [b.topology.compressor for b in self.buckets])
 
@@ -438,6 +444,8 @@ class DistributedOptimizer(torch.optim.SGD):
             segments = self._segments(idle)
             for k in range(len(self.buckets)):
                 self._exchange_bucket(k, segments, idle)
+        if self._momentum is not None:
+            self._momentum.keep(idle)  # idle parameters keep their momentum (SPEC §5a)
         if self._rule == "sgd":
             self._layout.write_grads(self._delta, decision.has_grad)
         update = None if self._rule == "sgd" else self._delta
@@ -460,12 +468,15 @@ class DistributedOptimizer(torch.optim.SGD):
         """Per-parameter state exists from now on, on every rank alike (what Horovod broadcasts):
         torch's ``momentum_buffer`` for each parameter (under error feedback, with its
         ``weight_decay_buffer``: views of the live flat buffers); under ``allreduce``, zeros
-        (m = μ·0 + g = g, as torch's first step), or None where momentum is 0."""
+        (m = μ·0 + g = g, as torch's first step), or None where momentum is 0. Called again after each
+        step: under error feedback the live momentum buffer alternates (``DoubleBuffer``)."""
         self._initialized = True
         layout = self._layout
         if self._rule != "sgd":
-            for p, m, w in zip(layout.params, layout.views(self._momentum), layout.views(self._wd_buffer)):
-                self.state[p] = {"momentum_buffer": m, "weight_decay_buffer": w}
+            live = self._momentum_views[self._momentum.index]
+            for p, m, w in zip(layout.params, live, self._wd_views):
+                state = self.state[p]
+                state["momentum_buffer"], state["weight_decay_buffer"] = m, w
             return
         for group, params in zip(self.param_groups, layout.group_params):
             for p in params:
@@ -485,14 +496,28 @@ class DistributedOptimizer(torch.optim.SGD):
         self._layout.check_frozen()
 
     def _prepare(self, first: int, stop: int, scale: Optional[torch.Tensor]) -> List[str]:
-        """Gradients of parameters [first, stop) into their slice of ``self._grad`` (None as zeros,
-        sparse densified), unscaled by AMP's ``scale``; returns the names of those with non-finite
-        gradients on this rank."""
+        """Read the gradients of parameters [first, stop) (None as zeros, sparse densified), unscaled by
+        AMP's ``scale``, into their slice of ``self._grad``; under error feedback, in the same pass,
+        the momentum of SPEC §1 (m' = μ·m + g into the momentum's next buffer, d = g + μ·m' or m' in
+        ``self._grad``). Changes no state. Returns the names of this rank's parameters among them
+        with non-finite gradients."""
         layout = self._layout
-        grad = layout.gather(self._grad, first, stop)
-        if scale is not None:  # torch's unscale: multiply by the float32 reciprocal computed in double
-            grad.mul_(scale.double().reciprocal().float())
-        return layout.nonfinite(self._grad, first, stop)
+        # torch's unscale: multiply by the float32 reciprocal computed in double
+        inv = None if scale is None else float(scale.double().reciprocal().float())
+        if self._rule != "ef":
+            grad = layout.gather(self._grad, first, stop)
+            if inv is not None:
+                grad.mul_(inv)
+            return layout.nonfinite(self._grad, first, stop)
+        finite, m = True, self._momentum
+        for (lo, hi), group in zip(layout.group_param_bounds, self.param_groups):
+            lo, hi = max(lo, first), min(hi, stop)
+            if lo < hi:
+                a, b = layout.span(lo, hi)
+                finite &= _kernels.gather_momentum(layout.grads(lo, hi), layout.sizes[lo:hi], self._grad[a:b],
+                                                   m.current[a:b], m.next[a:b], group["momentum"], group["nesterov"],
+                                                   inv)
+        return [] if finite else layout.nonfinite_grads(first, stop)
 
     def _segments(self, idle: List[Range]) -> Segments:
         return lr_ratio_segments(self._layout.group_bounds, [g["prev_lr"] for g in self.param_groups],
@@ -503,7 +528,7 @@ class DistributedOptimizer(torch.optim.SGD):
         memories = [(self._worker_memory, 0)] + [(b.topology.server_memory, b.start + b.topology.server_start)
                                                   for b in self.buckets]
         still = [bounds for bounds, g in zip(self._layout.group_bounds, self.param_groups) if g["lr"] == 0]
-        return [Untouched(idle, [self._momentum, self._wd_buffer], memories, params), Untouched(still, (), memories)]
+        return [Untouched(idle, [self._wd_buffer], memories, params), Untouched(still, (), memories)]
 
     # --- the step, bucket by bucket ---------------------------------------------------------------------
     def _speculate(self, k: int) -> None:
@@ -560,8 +585,7 @@ class DistributedOptimizer(torch.optim.SGD):
             with self._timed("exchange"):
                 bucket.topology.exchange(signs)
             return
-        self._nesterov_direction(a, b)
-        for lo, hi in idle:
+        for lo, hi in idle:  # d (momentum applied when the gradients were read, ``_prepare``)
             if lo < b and hi > a:
                 self._grad[max(lo, a):min(hi, b)].zero_()
         with self._timed("compress"):
@@ -575,20 +599,16 @@ class DistributedOptimizer(torch.optim.SGD):
             if start < b and stop > a:
                 yield max(start, a), min(stop, b), group
 
-    def _nesterov_direction(self, a: int, b: int) -> None:
-        """SPEC §1: m = μ·m + g;  d = g + μ·m (nesterov) or m;  in place in ``self._grad[a:b]``."""
-        for start, stop, group in self._group_slices(a, b):
-            if group["momentum"] != 0:
-                _kernels.momentum_(self._grad[start:stop], self._momentum[start:stop], group["momentum"],
-                                   group["nesterov"])
-
     def _signum_momentum(self, a: int, b: int) -> None:
-        """Signum: m = μ·m + (1−μ)·g, into ``self._grad[a:b]`` too."""
+        """Signum: m' = μ·m + (1−μ)·g into the momentum's next buffer and ``self._grad[a:b]``."""
         for start, stop, group in self._group_slices(a, b):
             mu = group["momentum"]
-            if mu != 0:
-                m, g = self._momentum[start:stop], self._grad[start:stop]
-                g.copy_(m.mul_(mu).add_(torch.mul(g, 1 - mu, out=self._scratch[start:stop])))
+            m, m_next = self._momentum.current[start:stop], self._momentum.next[start:stop]
+            if mu == 0:
+                m_next.copy_(m)
+                continue
+            g = self._grad[start:stop]
+            g.copy_(torch.mul(m, mu, out=m_next).add_(torch.mul(g, 1 - mu, out=self._scratch[start:stop])))
 
     # --- the step: update ---------------------------------------------------------------------------
     def _amp_found_inf(self) -> bool:
@@ -619,8 +639,10 @@ class DistributedOptimizer(torch.optim.SGD):
         for g in self.param_groups:
             if g["lr"] != 0:
                 g["prev_lr"] = g["lr"]
+        if self._momentum is not None:
+            self._momentum.commit()
         self._steps += 1
-        if not self._initialized:
+        if not self._initialized or self._momentum is not None:
             self._initialize_state()
 
     def _apply(self, delta: torch.Tensor, momentum_of_decay: bool = True) -> None:
@@ -690,7 +712,8 @@ class DistributedOptimizer(torch.optim.SGD):
         state["distef"] = {
             "config": dict(self.config(), rank=self.comm.rank),
             "steps": self._steps, "skipped_steps": self._skipped_steps,
-            "momentum": self._momentum, "weight_decay_buffer": self._wd_buffer,
+            "momentum": None if self._momentum is None else self._momentum.current,
+            "weight_decay_buffer": self._wd_buffer,
             "worker_error": None if self._worker_memory is None else self._worker_memory.state_dict(),
             "topology": [b.topology.state_dict() for b in self.buckets],
             "worker_compressor": self._worker_compressor.state_dict(),
@@ -712,7 +735,7 @@ class DistributedOptimizer(torch.optim.SGD):
         self.param_groups = groups
         self._backward_passes, self._synchronized, self._exchanged = 0, False, None
         if ours is not None:
-            for buf, saved in ((self._momentum, ours.get("momentum")),
+            for buf, saved in ((None if self._momentum is None else self._momentum.current, ours.get("momentum")),
                                (self._wd_buffer, ours.get("weight_decay_buffer"))):
                 if buf is not None:
                     buf.zero_() if saved is None else buf.copy_(saved)

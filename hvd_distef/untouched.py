@@ -58,21 +58,19 @@ class Untouched:
 
 class Rollback:
     """The state that the buckets exchanged during backward (``overlap=True``) change before every
-    rank has agreed on the step: momentum, worker and server errors and the compressors' random
-    streams, copied bucket by bucket into buffers allocated once, and put back when the step is
-    skipped, raises, or is redone (SPEC §5a: a step that does not go ahead changes nothing).
+    rank has agreed on the step: worker and server errors and the compressors' random streams,
+    copied bucket by bucket into buffers allocated once, and put back when the step is skipped,
+    raises, or is redone (SPEC §5a: a step that does not go ahead changes nothing). The momentum
+    needs nothing: the step writes it beside the current one (``fused.DoubleBuffer``).
 
     Args:
-        momentum: the flat momentum buffer, or None.
         worker_memory: the worker's error memory over the fused buffer, or None.
         server_memories: per bucket, the error memory this rank holds for it, or None.
         compressors: per bucket, the server role's compressor; ``worker_compressor`` the worker's.
     """
 
-    def __init__(self, momentum: Optional[torch.Tensor], worker_memory: Optional[ErrorMemory],
-                 server_memories: Sequence[Optional[ErrorMemory]], worker_compressor, compressors: Sequence):
-        self._momentum = momentum
-        self._momentum_copy = None if momentum is None else torch.zeros_like(momentum)
+    def __init__(self, worker_memory: Optional[ErrorMemory], server_memories: Sequence[Optional[ErrorMemory]],
+                 worker_compressor, compressors: Sequence):
         self._worker = worker_memory
         self._worker_copy = None if worker_memory is None else torch.zeros_like(worker_memory.error)
         self._servers = list(server_memories)
@@ -89,9 +87,6 @@ class Rollback:
     def keep(self, bucket: int, start: int, stop: int) -> None:
         """Bucket ``bucket`` (fused range [start, stop)) is about to change."""
         undo = self._undo
-        if self._momentum is not None:
-            self._momentum_copy[start:stop].copy_(self._momentum[start:stop])
-            undo.append(lambda: self._momentum[start:stop].copy_(self._momentum_copy[start:stop]))
         if self._worker is not None:
             kept = self._worker.keep(start, stop, self._worker_copy)
             undo.append(lambda: self._worker.put_back(start, stop, self._worker_copy, kept))

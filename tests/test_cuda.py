@@ -78,9 +78,10 @@ def test_momentum_and_update_on_cuda_match_cpu(nesterov):
     w_gpu, g_gpu, m_gpu = w_cpu.cuda(), g_cpu.cuda(), m_cpu.cuda()
     _kernels.descend_(params_cpu, delta, w_cpu, 0.1, 0.9, 5e-4, nesterov)
     _kernels.descend_(params_gpu, delta.cuda(), w_gpu, 0.1, 0.9, 5e-4, nesterov)
-    _kernels.momentum_(g_cpu, m_cpu, 0.9, nesterov)
-    _kernels.momentum_(g_gpu, m_gpu, 0.9, nesterov)
-    for a, b in [*zip(params_gpu, params_cpu), (w_gpu, w_cpu), (g_gpu, g_cpu), (m_gpu, m_cpu)]:
+    d_cpu, d_gpu = torch.empty(n), torch.empty(n, device="cuda")
+    assert _kernels.gather_momentum([g_cpu], [n], d_cpu, m_cpu, m_cpu, 0.9, nesterov)
+    assert _kernels.gather_momentum([g_gpu], [n], d_gpu, m_gpu, m_gpu, 0.9, nesterov)
+    for a, b in [*zip(params_gpu, params_cpu), (w_gpu, w_cpu), (d_gpu, d_cpu), (m_gpu, m_cpu)]:
         assert torch.equal(a.cpu(), b)  # element-wise float32 arithmetic in the same order, no FMA
 
 

@@ -193,15 +193,43 @@ UPDATE_SIZES = {"one": [1], "odd": [7, 0, 9, 1], "resnet_like": split(1_000_003,
 
 
 @pytest.mark.parametrize("sizes", sorted(UPDATE_SIZES))
-@pytest.mark.parametrize("nesterov", [True, False])
-def test_momentum_matches_torch_exactly(sizes, nesterov):
-    n = sum(UPDATE_SIZES[sizes])
-    g_ref, m_ref = rand(n, 1), rand(n, 2)
-    g, m = g_ref.clone(), m_ref.clone()
-    ref.momentum_(g_ref, m_ref, 0.9, nesterov)
-    cpp.momentum_(g, m, 0.9, nesterov)
-    # the same float operations in the same order: bit-identical
-    assert torch.equal(m, m_ref) and torch.equal(g, g_ref)
+@pytest.mark.parametrize("mu,nesterov,scale", [(0.9, True, None), (0.9, False, None), (0.9, True, 1 / 1024),
+                                               (0.0, True, None)])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_gather_momentum_matches_torch_exactly(sizes, mu, nesterov, scale, in_place):
+    """Gradients read where they lie (one missing: zeros), unscaled, momentum into another buffer
+    or in place: bit-identical to the torch path, and to the multi-pass arithmetic of SPEC §1."""
+    shapes = UPDATE_SIZES[sizes]
+    n = sum(shapes)
+    grads = [rand(k, 10 + i) for i, k in enumerate(shapes)]
+    if len(grads) > 1:
+        grads[1] = torch.empty(0)  # no gradient on this rank
+    m = rand(n, 2)
+    outs = {}
+    for name, path in (("ref", ref), ("cpp", cpp)):
+        d, m_in = torch.empty(n), m.clone()
+        m_out = m_in if in_place else torch.empty(n)
+        finite = path.gather_momentum(grads, shapes, d, m_in, m_out, mu, nesterov, scale)
+        outs[name] = (d, m_out, m_in, finite)
+    (d_ref, m_ref, m_in_ref, ok_ref), (d, m_out, m_in, ok) = outs["ref"], outs["cpp"]
+    assert ok and ok_ref and torch.equal(d, d_ref) and torch.equal(m_out, m_ref) and torch.equal(m_in, m_in_ref)
+    g = torch.cat([x if x.numel() else torch.zeros(k) for x, k in zip(grads, shapes)])
+    g = g * scale if scale is not None else g
+    expect_m = m * mu + g if mu else m
+    assert torch.equal(m_ref, expect_m)
+    assert torch.equal(d_ref, (g + expect_m * mu if nesterov else expect_m) if mu else g)
+    if not in_place:
+        assert torch.equal(m_in, m)  # the step may not go ahead: the current momentum is untouched
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_gather_momentum_reports_nonfinite(bad):
+    grads = [rand(100, 1), rand(50_000, 2)]
+    grads[1][33_333] = bad
+    for path in (ref, cpp):
+        n = 50_100
+        assert not path.gather_momentum(grads, [100, 50_000], torch.empty(n), torch.zeros(n), torch.empty(n),
+                                        0.9, True, None)
 
 
 @pytest.mark.parametrize("sizes", sorted(UPDATE_SIZES))

@@ -88,13 +88,15 @@ def test_momentum_and_update(interpreted, update):
     lr, mu, wd, nesterov = ti.UPDATES[update]
     params, delta, w, grad, momentum = ti.update_inputs()
     ref.descend_(params, delta, w if wd else None, lr, mu, wd, nesterov)
-    ref.momentum_(grad, momentum, mu, nesterov)
-    got_params, got_w, got_grad, got_momentum = interpreted[update, "update"]
+    d, momentum_out = torch.empty_like(grad), torch.empty_like(momentum)
+    assert ref.gather_momentum([grad], [grad.numel()], d, momentum, momentum_out, mu, nesterov)
+    got_params, got_w, got_d, got_momentum, got_finite = interpreted[update, "update"]
     for p, q in zip(got_params, params):
         assert_equal(p, q)
     assert_equal(got_w, w)
-    assert_equal(got_grad, grad)
-    assert_equal(got_momentum, momentum)
+    assert_equal(got_d, d)
+    assert_equal(got_momentum, momentum_out)
+    assert got_finite
 
 
 def test_nonfinite_block_is_named(interpreted):

@@ -90,8 +90,9 @@ def main(out_path):
     for name, (lr, mu, wd, nesterov) in UPDATES.items():
         params, delta, w, grad, momentum = update_inputs()
         tk.descend_(params, delta, w, lr, mu, wd, nesterov)
-        tk.momentum_(grad, momentum, mu, nesterov)
-        out[name, "update"] = (params, w, grad, momentum)
+        d, momentum_out = torch.empty_like(grad), torch.empty_like(momentum)
+        finite = tk.gather_momentum([grad], [grad.numel()], d, momentum, momentum_out, mu, nesterov)
+        out[name, "update"] = (params, w, d, momentum_out, finite)
     bad = rand(300, 60)
     bad[170] = float("inf")
     try:

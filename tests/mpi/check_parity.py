@@ -74,7 +74,7 @@ def _state(opt):
     """The flat per-element state that a step may change (settled errors)."""
     out = {}
     if opt._momentum is not None:
-        out["momentum"], out["weight_decay_buffer"] = opt._momentum.clone(), opt._wd_buffer.clone()
+        out["momentum"], out["weight_decay_buffer"] = opt._momentum.current.clone(), opt._wd_buffer.clone()
     if opt._worker_memory is not None:
         out["worker_error"] = opt._worker_memory.error.clone()
     server = opt.buckets[0].topology.server_memory
@@ -456,9 +456,9 @@ def stock_checkpoint_resumes_under_allreduce():
     train(ef, resumed, range(2))
     for p in resumed.parameters():
         m = ef.state[p]["momentum_buffer"]
-        assert m.shape == p.shape and m.data_ptr() in range(ef._momentum.data_ptr(),
-                                                            ef._momentum.data_ptr() + 4 * ef.numel)
-    assert bool(ef._momentum.abs().sum() > 0)
+        assert m.shape == p.shape and m.data_ptr() in range(ef._momentum.current.data_ptr(),
+                                                            ef._momentum.current.data_ptr() + 4 * ef.numel)
+    assert bool(ef._momentum.current.abs().sum() > 0)
     return "bitwise equal to stock Horovod"
 
 
