@@ -69,9 +69,9 @@ def test_every_planned_run_is_a_valid_training_command(name, quick, tmp_path):
         assert parsed.data == ("digits" if quick else "cifar100")
 
 
-def fake_run(log_dir, setting, seed, accuracy, epochs):
+def fake_run(log_dir, setting, seed, accuracy, epochs, blockwise=0.7):
     """A run folder as hvd_distef.train writes it, with every key the claims read; the test accuracy of
-    epoch e is accuracy(setting, seed, e)."""
+    epoch e is accuracy(setting, seed, e); blocksign keeps ``blockwise`` (+ 0.01·seed) of ‖g‖²."""
     log_dir.mkdir(parents=True)
     (log_dir / "config.json").write_text(json.dumps({"method": setting.method, "seed": seed, "topology": "ps",
                                                      "compression": "blocksign", "ranks": setting.ranks}))
@@ -84,17 +84,18 @@ def fake_run(log_dir, setting, seed, accuracy, epochs):
                 "comm_time_s": 0.05, "compress_time_s": 0.01, "lr": 0.1,
                 "grad_stats": {"mean_abs": {n: 10.0 ** -i for i, n in enumerate(names)},
                                "delta": {n: 0.7 + 0.01 * seed for n in names},
-                               "delta_whole": 0.3 + 0.01 * seed, "delta_blockwise": 0.6 + 0.01 * seed, "delta_min": 0.7},
+                               "delta_whole": 0.3 + 0.01 * seed, "delta_blockwise": blockwise + 0.01 * seed,
+                               "delta_min": 0.7},
                 "partial_sum_density": {"2": 0.019, "4": 0.028 + 0.001 * seed},
                 "virtual_gap": 0.1 / e, "server_error_norm": 1.0, "worker_error_norm": 2.0}) + "\n")
 
 
-def run_fabricated(name, tmp_path, accuracy):
+def run_fabricated(name, tmp_path, accuracy, **fake):
     """The driver on one claim at the quick scale, over fabricated runs (``--reuse``: none is launched)."""
     args = [name, "--quick", "--out", str(tmp_path / "results"), "--experiments-md", str(tmp_path / "EXPERIMENTS.md")]
     scale = driver.scale_for(CLAIMS[name], driver.parser().parse_args(args))
     for run in runs_mod.plan(CLAIMS[name].settings(scale, scale.ranks), scale, tmp_path / "results" / name / "runs"):
-        fake_run(run.path, run.setting, run.seed, accuracy, runs_mod.epochs_of(run))
+        fake_run(run.path, run.setting, run.seed, accuracy, runs_mod.epochs_of(run), **fake)
     assert driver.main(args + ["--reuse"]) == 0
     return json.loads((tmp_path / "results" / name / "summary.json").read_text())
 
@@ -140,11 +141,13 @@ def test_momentum_verdict_needs_a_gain_before_the_drop_that_fades_after(tmp_path
     assert run_fabricated("momentum", tmp_path / "b", noisy(growing))["verdict"] == DISAGREES
 
 
-def test_magnitudes_verdict_reads_the_blockwise_and_whole_buffer_deltas(tmp_path):
-    summary = run_fabricated("magnitudes", tmp_path, noisy(lambda s, e: 0.9))
+@pytest.mark.parametrize("blockwise, word", [(0.7, AGREES), (0.4, DISAGREES)])
+def test_magnitudes_verdict_reads_the_blockwise_and_whole_buffer_deltas(blockwise, word, tmp_path):
+    """Kept share 0.71 or 0.41 against one scale's 0.31 and the Gaussian 2/π = 0.637."""
+    summary = run_fabricated("magnitudes", tmp_path, noisy(lambda s, e: 0.9), blockwise=blockwise)
     delta = summary["numbers"]["delta"]
-    assert delta["delta_blockwise"][0] == pytest.approx(0.61) and delta["delta_whole"][0] == pytest.approx(0.31)
-    assert summary["verdict"] == AGREES
+    assert delta["delta_blockwise"][0] == pytest.approx(blockwise + 0.01) and delta["delta_whole"][0] == pytest.approx(0.31)
+    assert summary["verdict"] == word
     assert summary["numbers"]["mean_abs_spread"][0] == pytest.approx(100.0)
 
 
