@@ -59,9 +59,9 @@ def test_every_planned_run_is_a_valid_training_command(name, quick, tmp_path):
     argv = [name, "--out", str(tmp_path)] + (["--quick"] if quick else ["--data-dir", str(tmp_path)])
     args = driver.parser().parse_args(argv)
     scale = driver.scale_for(CLAIMS[name], args)
-    planned = runs_mod.plan(CLAIMS[name].settings(scale, scale.ranks), scale, tmp_path / "runs")
+    planned = runs_mod.plan(CLAIMS[name].settings(scale), scale, tmp_path / "runs")
     assert len(planned) == len({r.log_dir for r in planned}) == \
-        len(CLAIMS[name].settings(scale, scale.ranks)) * len(scale.lr_grid) * 3
+        len(CLAIMS[name].settings(scale)) * len(scale.lr_grid) * 3
     assert sorted({r.seed for r in planned}) == [0, 1, 2]
     for run in planned:
         parsed = cli.parse(run.train_args(scale))
@@ -94,7 +94,7 @@ def run_fabricated(name, tmp_path, accuracy, **fake):
     """The driver on one claim at the quick scale, over fabricated runs (``--reuse``: none is launched)."""
     args = [name, "--quick", "--out", str(tmp_path / "results"), "--experiments-md", str(tmp_path / "EXPERIMENTS.md")]
     scale = driver.scale_for(CLAIMS[name], driver.parser().parse_args(args))
-    for run in runs_mod.plan(CLAIMS[name].settings(scale, scale.ranks), scale, tmp_path / "results" / name / "runs"):
+    for run in runs_mod.plan(CLAIMS[name].settings(scale), scale, tmp_path / "results" / name / "runs"):
         fake_run(run.path, run.setting, run.seed, accuracy, runs_mod.epochs_of(run), **fake)
     assert driver.main(args + ["--reuse"]) == 0
     return json.loads((tmp_path / "results" / name / "summary.json").read_text())

@@ -3,7 +3,7 @@ reviewers (issue 13) as experiments that launch ``python -m hvd_distef.train`` r
 with ``--partition``), 3 seeds per setting, and write ``experiments/results/CLAIM/`` and ``EXPERIMENTS.md``.
 
 One module per claim, each with ``NAME``, ``TITLE``, ``LINES`` (rebuttal line numbers), ``CLAIM`` (one
-line), ``settings(scale, ranks)`` (the runs) and ``analyse(outcomes, scale, out)`` (tables, plots,
+line), ``settings(scale)`` (the runs) and ``analyse(outcomes, scale, out)`` (tables, plots,
 verdict); optional ``DEFAULT_RANKS`` and ``MODEL`` ({quick: model}). ``runs`` launches and reads runs,
 ``verdict`` judges them, ``report`` writes them.
 """

@@ -23,9 +23,9 @@ def schedule(scale: Scale) -> List[str]:
     return ["--epochs", "200", "--batch-size", "16", "--lr-decay-epochs", "100", "150"]
 
 
-def settings(scale: Scale, ranks: int) -> List[Setting]:
+def settings(scale: Scale) -> List[Setting]:
     args = tuple(schedule(scale))
-    return [Setting(m, m, args, ranks, METHODS[m]["lr"]) for m in ("ef-blocksgdm", "ef-sgdm")]
+    return [Setting(m, m, args, scale.ranks, METHODS[m]["lr"]) for m in ("ef-blocksgdm", "ef-sgdm")]
 
 
 def analyse(outcomes: Dict[str, Outcome], scale: Scale, out) -> Analysis:

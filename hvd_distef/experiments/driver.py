@@ -1,6 +1,7 @@
 """Run the claims of the authors' rebuttal as training experiments and rebuild EXPERIMENTS.md.
 
-``python -m hvd_distef.experiments CLAIM... [--quick] [--ranks M] [--data D] [--partition P]``: for each claim: plan its runs (settings x lr grid x seeds), launch them (``mpirun`` one after another,
+``python -m hvd_distef.experiments CLAIM... [--quick] [--ranks M] [--data D] [--partition P]``: for
+each claim, plan its runs (settings x lr grid x seeds), launch them (``mpirun`` one after another,
 or ``sbatch --wait`` on ``--partition`` all at once), read them back, judge, and write
 ``experiments/results/CLAIM/`` (runs.jsonl, summary.json, report.md, PNG plots, the runs' folders);
 then rebuild ``EXPERIMENTS.md`` from every claim's results present. ``all`` runs every claim.
@@ -78,7 +79,7 @@ def run_claim(number: int, claim, args) -> Optional[str]:
     """Run one claim and write its results; returns its verdict (None on --dry-run)."""
     scale = scale_for(claim, args)
     out = args.out / claim.NAME
-    runs = plan(claim.settings(scale, scale.ranks), scale, out / "runs")
+    runs = plan(claim.settings(scale), scale, out / "runs")
     launcher = Launcher(scale, args.partition, args.timeout)
     commands = {str(r.path): shlex.join(launcher.command(r)) for r in runs}
     print(f"== claim {number} ({claim.NAME}): {claim.TITLE}; {len(runs)} runs", flush=True)
@@ -91,7 +92,7 @@ def run_claim(number: int, claim, args) -> Optional[str]:
     outcomes = collect(runs)
     out.mkdir(parents=True, exist_ok=True)
     analysis = claim.analyse(outcomes, scale, out)
-    write_claim(out, args.experiments_md.parent, number, claim, scale, scale.ranks, outcomes, analysis,
+    write_claim(out, args.experiments_md.parent, number, claim, scale, outcomes, analysis,
                 command_of(claim, args), commands)
     print(f"   verdict: {analysis.verdict.word} ({time.perf_counter() - start:.0f} s; {out / 'report.md'})",
           flush=True)

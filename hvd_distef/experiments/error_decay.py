@@ -29,10 +29,10 @@ def schedule(scale: Scale) -> List[str]:
             "--log-gradient-stats"]
 
 
-def settings(scale: Scale, ranks: int) -> List[Setting]:
+def settings(scale: Scale) -> List[Setting]:
     args, lr = tuple(schedule(scale)), METHODS["ef-blocksgdm"]["lr"]
-    return [Setting("rescale", "ef-blocksgdm", args, ranks, lr)] + [
-        Setting(f"decay-{b:g}", "ef-blocksgdm", args + ("--error-decay", str(b)), ranks, lr) for b in BETAS]
+    return [Setting("rescale", "ef-blocksgdm", args, scale.ranks, lr)] + [
+        Setting(f"decay-{b:g}", "ef-blocksgdm", args + ("--error-decay", str(b)), scale.ranks, lr) for b in BETAS]
 
 
 def analyse(outcomes: Dict[str, Outcome], scale: Scale, out) -> Analysis:

@@ -29,8 +29,8 @@ def schedule(scale: Scale) -> List[str]:
     return ["--epochs", "200", "--batch-size", "32", "--lr-decay-epochs", "100", "150", "--log-gradient-stats"]
 
 
-def settings(scale: Scale, ranks: int) -> List[Setting]:
-    return [Setting("ef-blocksgdm", "ef-blocksgdm", tuple(schedule(scale)), ranks, METHODS["ef-blocksgdm"]["lr"])]
+def settings(scale: Scale) -> List[Setting]:
+    return [Setting("ef-blocksgdm", "ef-blocksgdm", tuple(schedule(scale)), scale.ranks, METHODS["ef-blocksgdm"]["lr"])]
 
 
 def _run_mean(run: dict, key) -> float:

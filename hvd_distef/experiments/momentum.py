@@ -28,10 +28,10 @@ def schedule(scale: Scale) -> List[str]:
     return ["--epochs", "200", "--lr-decay-epochs", "100", "150"]
 
 
-def settings(scale: Scale, ranks: int) -> List[Setting]:
+def settings(scale: Scale) -> List[Setting]:
     lr = METHODS["ef-blocksgdm"]["lr"]
     return [Setting(f"b{b}-mu{mu:g}", "ef-blocksgdm", tuple(schedule(scale)) + ("--batch-size", str(b), "--momentum",
-                                                                                  str(mu)), ranks, lr)
+                                                                                  str(mu)), scale.ranks, lr)
             for b in BATCHES for mu in (0.9, 0.0)]
 
 

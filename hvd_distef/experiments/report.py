@@ -107,21 +107,21 @@ def bars(labels: Sequence[str], values: Sequence[Tuple[float, float]], ylabel: s
     return path.name
 
 
-def common_setup(scale: Scale, ranks: int) -> str:
+def common_setup(scale: Scale) -> str:
     grid = ", ".join(f"{m:g}" for m in scale.lr_grid)
-    return (f"{'quick' if scale.quick else 'full'} scale: `{scale.data}`, model `{scale.model}`, {ranks} ranks, "
+    return (f"{'quick' if scale.quick else 'full'} scale: `{scale.data}`, model `{scale.model}`, {scale.ranks} ranks, "
             f"{scale.seeds} seeds per setting (mean ± sample std). Learning rates: every setting tries its "
             f"method's default lr (`hvd_distef.train --help`) times each of [{grid}] and keeps the one with the "
             f"best mean final test accuracy: the same budget of lr choices for every method")
 
 
-def section(number: int, claim, scale: Scale, ranks: int, analysis: Analysis, command: str, prefix: str) -> str:
+def section(number: int, claim, scale: Scale, analysis: Analysis, command: str, prefix: str) -> str:
     """A claim's markdown section; plot paths are prefixed with ``prefix`` (where the section is read from)."""
     plots = "\n".join(f"![{Path(p).stem}]({prefix}{p})" for p in analysis.plots)
     return "\n\n".join([
         f"## Claim {number}: {claim.TITLE}",
         f"**Claim** (rebuttal lines {claim.LINES}): {claim.CLAIM}",
-        f"**Setup**: {common_setup(scale, ranks)}. {analysis.setup}",
+        f"**Setup**: {common_setup(scale)}. {analysis.setup}",
         "**Figures**:\n\n" + "\n\n".join(analysis.tables),
         plots,
         verdict_text(analysis.verdict),
@@ -139,7 +139,7 @@ def verdict_text(verdict: Verdict) -> str:
             + table(["part", "verdict", "measured"], rows))
 
 
-def write_claim(out: Path, md_dir: Path, number: int, claim, scale: Scale, ranks: int, outcomes: Dict[str, Outcome],
+def write_claim(out: Path, md_dir: Path, number: int, claim, scale: Scale, outcomes: Dict[str, Outcome],
                 analysis: Analysis, command: str, commands: Dict[str, str]) -> None:
     """runs.jsonl, summary.json and report.md of one claim in ``out`` (its results folder), and
     section.md, the same section with paths relative to ``md_dir`` (where EXPERIMENTS.md lives)."""
@@ -157,8 +157,8 @@ def write_claim(out: Path, md_dir: Path, number: int, claim, scale: Scale, ranks
                                    "final_test_accuracy": o.stat(final_accuracy)} for name, o in outcomes.items()},
                "numbers": analysis.numbers}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
-    (out / SECTION_FILE).write_text(section(number, claim, scale, ranks, analysis, command, prefix=""))
-    (out / "section.md").write_text(section(number, claim, scale, ranks, analysis, command,
+    (out / SECTION_FILE).write_text(section(number, claim, scale, analysis, command, prefix=""))
+    (out / "section.md").write_text(section(number, claim, scale, analysis, command,
                                             prefix=os.path.relpath(out, md_dir) + "/"))
 
 

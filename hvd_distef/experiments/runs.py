@@ -24,12 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def from_root(path: Path) -> Path:
-    """``path`` relative to the repository root when it lies inside it (commands and logs then hold no
-    machine-specific prefix), else as given; runs are launched from the root."""
+    """``path`` (absolute, or relative to the working directory) relative to the repository root when it
+    lies inside it (commands and logs then hold no machine-specific prefix), else absolute; runs are
+    launched from the root."""
+    path = Path(os.path.abspath(path))
     try:
-        return Path(os.path.abspath(path)).relative_to(ROOT) if Path(path).is_absolute() else Path(path)
+        return path.relative_to(ROOT)
     except ValueError:
-        return Path(path)
+        return path
 
 
 class ExperimentError(RuntimeError):
@@ -108,7 +110,7 @@ class Launcher:
     def __init__(self, scale: Scale, partition: Optional[str] = None, timeout_s: int = 1800,
                  python: str = sys.executable, mpiexec: str = "mpirun"):
         self.scale, self.partition, self.timeout_s = scale, partition, timeout_s
-        self.python, self.mpiexec = str(from_root(Path(os.path.abspath(python)))), mpiexec
+        self.python, self.mpiexec = str(from_root(python)), mpiexec
 
     def command(self, run: Run) -> List[str]:
         """The exact command line of ``run`` (run from the repository root)."""

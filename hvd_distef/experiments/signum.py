@@ -24,12 +24,12 @@ def schedule(scale: Scale) -> List[str]:
     return ["--epochs", "200", "--batch-size", "32", "--lr-decay-epochs", "100", "150"]
 
 
-def settings(scale: Scale, ranks: int) -> List[Setting]:
+def settings(scale: Scale) -> List[Setting]:
     args = tuple(schedule(scale))
-    return [Setting("ef-blocksgdm", "ef-blocksgdm", args, ranks, METHODS["ef-blocksgdm"]["lr"]),
-            Setting("signum", "signum", args, ranks, METHODS["signum"]["lr"]),
-            Setting("ef-qsgd", "ef-blocksgdm", args + ("--compression", "qsgd"), ranks, METHODS["ef-blocksgdm"]["lr"]),
-            Setting("sgdm", "sgdm", args, ranks, METHODS["sgdm"]["lr"])]
+    return [Setting("ef-blocksgdm", "ef-blocksgdm", args, scale.ranks, METHODS["ef-blocksgdm"]["lr"]),
+            Setting("signum", "signum", args, scale.ranks, METHODS["signum"]["lr"]),
+            Setting("ef-qsgd", "ef-blocksgdm", args + ("--compression", "qsgd"), scale.ranks, METHODS["ef-blocksgdm"]["lr"]),
+            Setting("sgdm", "sgdm", args, scale.ranks, METHODS["sgdm"]["lr"])]
 
 
 def analyse(outcomes: Dict[str, Outcome], scale: Scale, out) -> Analysis:

@@ -31,12 +31,12 @@ def schedule(scale: Scale) -> List[str]:
     return ["--epochs", "200", "--batch-size", "32", "--lr-decay-epochs", "100", "150"]
 
 
-def settings(scale: Scale, ranks: int) -> List[Setting]:
+def settings(scale: Scale) -> List[Setting]:
     args, lr = tuple(schedule(scale)), METHODS["ef-blocksgdm"]["lr"]
-    blocksign = [Setting(f"blocksign-{t}", "ef-blocksgdm", args + ("--topology", t), ranks, lr)
+    blocksign = [Setting(f"blocksign-{t}", "ef-blocksgdm", args + ("--topology", t), scale.ranks, lr)
                  for t in ("ps", "tree", "ring")]
     topk = [Setting(f"topk-{t}", "ef-blocksgdm", args + ("--topology", t, "--compression", "topk",
-                                                          "--log-gradient-stats"), ranks, lr) for t in ("tree", "ring")]
+                                                          "--log-gradient-stats"), scale.ranks, lr) for t in ("tree", "ring")]
     return blocksign + topk
 
 
