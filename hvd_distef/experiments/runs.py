@@ -201,8 +201,12 @@ def final_accuracy(run: dict) -> float:
     return run["epochs"][-1]["test_accuracy"]
 
 
-def accuracy_at(epoch: int) -> Callable[[dict], float]:
-    return lambda run: next(e["test_accuracy"] for e in run["epochs"] if e["epoch"] == epoch)
+def mean_accuracy(first: int, last: int) -> Callable[[dict], float]:
+    """The mean test accuracy over epochs ``first`` to ``last`` (both included; epochs count from 1)."""
+    def value(run: dict) -> float:
+        accs = [e["test_accuracy"] for e in run["epochs"] if first <= e["epoch"] <= last]
+        return sum(accs) / len(accs)
+    return value
 
 
 def epoch_mean(key: str) -> Callable[[dict], float]:
