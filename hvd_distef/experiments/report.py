@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .runs import Outcome, Scale, final_accuracy, from_root
-from .verdict import Verdict
+from .verdict import AGREES, DISAGREES, NOT_MEASURABLE, Verdict
 
 SECTION_FILE = "report.md"
 SUMMARY_FILE = "summary.json"
@@ -152,6 +152,7 @@ def write_claim(out: Path, md_dir: Path, number: int, claim, scale: Scale, outco
                                     "bytes_sent_per_step": last["bytes_sent_per_step"],
                                     "log_dir": str(from_root(run["dir"])), "command": commands[str(run["dir"])]}) + "\n")
     summary = {"claim": claim.NAME, "verdict": analysis.verdict.word, "why": analysis.verdict.why,
+               "parts": [{"verdict": p.word, "why": p.why} for p in analysis.verdict.parts],
                "command": command, "quick": scale.quick, "lr_grid": list(scale.lr_grid),
                "settings": {name: {"lr": o.lr, "lr_scores": {f"{k:g}": v for k, v in o.lr_scores.items()},
                                    "final_test_accuracy": o.stat(final_accuracy)} for name, o in outcomes.items()},
@@ -224,10 +225,12 @@ def write_experiments_md(path: Path, results: Path, claims: Sequence, command_of
         summary = results / claim.NAME / SUMMARY_FILE
         if part.is_file() and summary.is_file():
             s = json.loads(summary.read_text())
-            verdicts.append([number, claim.TITLE, s["verdict"], f"`{s['command']}`"])
+            words = [p["verdict"] for p in s.get("parts", [])]
+            tally = ", ".join(f"{words.count(w)} {w}" for w in (AGREES, NOT_MEASURABLE, DISAGREES) if w in words)
+            verdicts.append([number, claim.TITLE, s["verdict"], tally or "—", f"`{s['command']}`"])
             sections.append(part.read_text())
         else:
-            verdicts.append([number, claim.TITLE, "not run yet", f"`{command_of(claim)}`"])
+            verdicts.append([number, claim.TITLE, "not run yet", "", f"`{command_of(claim)}`"])
             sections.append(f"## Claim {number}: {claim.TITLE}\n\nNot run yet: `{command_of(claim)}`.\n")
     text = "\n\n".join([
         "# Experiments: the authors' claims, measured\n\n"
@@ -239,7 +242,7 @@ def write_experiments_md(path: Path, results: Path, claims: Sequence, command_of
         "(`hvd_distef/experiments/verdict.py`). The quick scale (small data, small models, few epochs, 2-4 "
         "ranks on 2 cores) is far from the paper's (CIFAR-100 and ImageNet on 16 GPUs): the full setting is the "
         "same command without `--quick`, with `--data cifar100 --data-dir DIR` on a cluster (`--partition P`).",
-        table(["claim", "what", "verdict", "command"], verdicts),
+        table(["claim", "what", "verdict", "its parts", "command"], verdicts),
         headline(e2e), *sections])
     path.write_text(text.rstrip() + "\n")
     return path
