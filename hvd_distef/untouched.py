@@ -3,10 +3,11 @@ what the buckets exchanged during backward changed, put back when the step does 
 
 The fused buffer has one layout for every step, so that every rank exchanges the same payload
 shape. A parameter whose gradient is None on every rank takes part in that exchange with a zero
-direction, and then its value, its momentum, its weight-decay buffer and its worker and server
-errors are put back as they were; a param group with lr = 0 keeps its worker and server errors
-(its x does not move: x − 0·u = x). Everything is held as clones of slices of the flat buffers,
-so a step with nothing to keep costs nothing.
+direction, and then its value, its weight-decay buffer and its worker and server errors are put
+back as they were (its momentum is kept by ``fused.DoubleBuffer.keep``, which needs no clone); a
+param group with lr = 0 keeps its worker and server errors (its x does not move: x − 0·u = x).
+Everything is held as clones of slices of the flat buffers, so a step with nothing to keep costs
+nothing.
 """
 from __future__ import annotations
 
