@@ -9,7 +9,6 @@ bytes reach MPI (directly, or through pinned host buffers reused across steps).
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import ctypes
 import os
@@ -90,36 +89,6 @@ class Watchdog:
 #: in the thread that calls step(), or in the bucket thread while that one waits; see buckets.py)
 _DUPLICATES: Dict[tuple, Any] = {}  # (handle, world ranks) of a base communicator -> its duplicate
 _PROCESS_SETS: Dict[tuple, Any] = {}  # ranks of a Horovod process set -> their communicator
-
-
-#: how long a rank that ends waits at exit for the others (``_barrier_at_exit``)
-EXIT_WAIT_S = 60.0
-_UNCAUGHT: List[BaseException] = []  # set by the hook below: the script died of an exception
-
-
-def _note_uncaught(hook):
-    def note(kind, value, traceback):
-        _UNCAUGHT.append(value)
-        hook(kind, value, traceback)
-    return note
-
-
-def _barrier_at_exit() -> None:
-    """At interpreter exit (before mpi4py finalizes MPI), wait on each of our communicators until
-    every rank has ended, for at most EXIT_WAIT_S: a rank that exits right after a step could
-    otherwise leave its last messages undelivered (a root's broadcast still crossing a slow link,
-    its peers waiting in it for good). A script that died of an exception exits at once (the
-    launcher then stops the others)."""
-    from mpi4py import MPI
-    if _UNCAUGHT or MPI.Is_finalized():
-        return
-    deadline = time.monotonic() + EXIT_WAIT_S
-    for comm in list(_DUPLICATES.values()):
-        request = comm.Ibarrier()
-        while not request.Test():
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.001)
 
 
 def communicator(mpi_comm: Optional[Any], process_set: Optional[Any]):
@@ -251,9 +220,6 @@ class Comm:
         if key not in _DUPLICATES:
             with self.watch("MPI_Comm_dup"):
                 _DUPLICATES[key] = base.Dup()
-            if len(_DUPLICATES) == 1:
-                atexit.register(_barrier_at_exit)
-                sys.excepthook = _note_uncaught(sys.excepthook)
         base = _DUPLICATES[key]
         self.mpi = base
         self.rank = self.mpi.Get_rank()
