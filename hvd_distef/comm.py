@@ -91,6 +91,31 @@ _DUPLICATES: Dict[tuple, Any] = {}  # (handle, world ranks) of a base communicat
 _PROCESS_SETS: Dict[tuple, Any] = {}  # ranks of a Horovod process set -> their communicator
 
 
+#: set by ``initialize_mpi``: hvd.init() ran before hvd_distef was imported, so Horovod initialized MPI
+_HOROVOD_OWNS_MPI = False
+HOROVOD_FIRST = ("hvd.init() ran before hvd_distef was imported, so Horovod initialized MPI, and Horovod "
+                 "finalizes an MPI it initialized on its background thread as soon as any rank's Horovod shuts "
+                 "down (when the first rank ends), while the other ranks may still be in hvd_distef's "
+                 "collectives: they would hang or crash. Import hvd_distef (or mpi4py's MPI) before hvd.init()")
+
+
+def initialize_mpi() -> None:
+    """Initialize MPI through mpi4py (``MPI_THREAD_MULTIPLE``), when hvd_distef is imported: before
+    ``hvd.init()`` can. mpi4py then finalizes MPI at interpreter exit, on the main thread, after
+    Horovod's own shutdown (an ``atexit`` handler) has stopped Horovod's thread, and MPI_Finalize
+    lets every rank's last messages arrive. Where Horovod initialized MPI instead, it finalizes it
+    on its background thread when any rank ends, under this rank's collectives; ``Comm`` refuses
+    that order (``HOROVOD_FIRST``)."""
+    global _HOROVOD_OWNS_MPI
+    horovod = sys.modules.get("horovod.torch")
+    _HOROVOD_OWNS_MPI = ("mpi4py.MPI" not in sys.modules and horovod is not None
+                         and bool(horovod.is_initialized()))
+    try:
+        from mpi4py import MPI  # noqa: F401  (importing it initializes MPI)
+    except ImportError:
+        pass  # Comm says why, when an optimizer is built
+
+
 def communicator(mpi_comm: Optional[Any], process_set: Optional[Any]):
     """The mpi4py communicator our collectives run on: ``comm=``, else the ranks of Horovod's
     ``process_set=`` (COMM_SELF on a rank outside it: it trains locally, as horovod.torch does),
@@ -200,6 +225,8 @@ class Comm:
             from mpi4py import MPI
         except ImportError as exc:
             raise HvdDistefError(f"cannot use MPI ({exc}); {GLOO_HINT}") from exc
+        if _HOROVOD_OWNS_MPI:  # before any MPI call: another rank's exit may finalize MPI under this one
+            raise HvdDistefError(HOROVOD_FIRST)
         self.MPI = MPI
         check_not_gloo(MPI.COMM_WORLD.Get_size())
         if timeout_s is None:

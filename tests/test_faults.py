@@ -105,3 +105,16 @@ hvd_distef.DistributedOptimizer(opt, named_parameters=model.named_parameters(), 
     assert last.startswith("ValueError") and message in last, proc.stderr[-2000:]
 
 
+
+
+def test_a_rank_talks_mpi_after_another_has_ended(tmp_path):
+    """MPI is mpi4py's, finalized at exit on the main thread, not Horovod's: Horovod would finalize it
+    on its thread as soon as rank 0 ends, under rank 1 (a slow link's last broadcast hung so)."""
+    proc = run_mpi(2, [MPI_DIR / "exit_order.py", "after-peer-ends", tmp_path / "ended"], timeout=120)
+    assert "rank 1 used MPI after rank 0 ended: 1" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+def test_horovod_initialized_first_is_refused_on_every_rank(tmp_path):
+    proc = run_mpi(2, [MPI_DIR / "exit_order.py", "horovod-first", tmp_path / "ended"], timeout=120)
+    for rank in (0, 1):
+        assert f"rank {rank}: hvd.init() ran before hvd_distef was imported" in proc.stdout, proc.stdout
