@@ -4,7 +4,9 @@ and against the worker half of GRACE-style EF-sign code (issue 12, item 2).
 Model: about 26M float32 parameters in 20 tensors with sizes like ResNet-50's larger layers,
 gradients already computed. The three run in turn within each repeat, in one process, so the
 noise of a shared machine falls on all alike; the ratios of the medians are the result, and the
-stock step's own spread is printed (it is bimodal on these machines). The CPU model is printed
+stock step's own spread is printed (it is bimodal on these machines). Ours is also given without
+its server step (the exchange seconds of ``comm_stats``): the step of a rank that is not the
+server under ``ps`` (under ``sharded`` each rank runs 1/M of the server step). The CPU model is printed
 and written with every result: the figures of one machine do not hold on another.
 
     .venv/bin/python benchmarks/step.py [--threads N] [--repeats R]
@@ -45,24 +47,32 @@ def main():
     residual = torch.zeros_like(grads)
     fns = {"stock": stock.step, "ours": ours.step, "grace_worker": lambda: grace_style(grads, residual, SIZES)}
     times = {name: [] for name in fns}
+    worker = []  # ours without its server step: the step of a rank that is not the server
     for repeat in range(args.repeats + 2):
         for name, fn in fns.items():
+            server_before = ours.comm_stats()["exchange_time_s"]
             start = time.perf_counter()
             fn()
             if repeat >= 2:  # two warm-up rounds
                 times[name].append(time.perf_counter() - start)
+                if name == "ours":
+                    worker.append(times[name][-1] - (ours.comm_stats()["exchange_time_s"] - server_before))
     med = {name: statistics.median(t) for name, t in times.items()}
+    med["worker"] = statistics.median(worker)
     result = {"cpu": cpu_model(), "params": sum(SIZES), "tensors": len(SIZES), "threads": args.threads,
               "compiled_kernels": _kernels.compiled is not None, "repeats": args.repeats,
               "stock_sgd_step": spread(times["stock"]), "ps_blocksign_step": spread(times["ours"]),
-              "grace_worker_half": spread(times["grace_worker"]),
-              "ratio_to_stock": med["ours"] / med["stock"], "ratio_to_grace_worker": med["ours"] / med["grace_worker"]}
+              "grace_worker_half": spread(times["grace_worker"]), "ps_worker_step": spread(worker),
+              "ratio_to_stock": med["ours"] / med["stock"], "ratio_to_grace_worker": med["ours"] / med["grace_worker"],
+              "worker_ratio_to_stock": med["worker"] / med["stock"]}
     s = result["stock_sgd_step"]
     print(f"{result['cpu']}; {result['params'] / 1e6:.1f}M params in {len(SIZES)} tensors, {args.threads} threads, "
           f"compiled kernels: {result['compiled_kernels']}")
     print(f"stock torch.optim.SGD step     {1000 * s['median_s']:8.1f} ms  (min {1000 * s['min_s']:.1f}, "
           f"max {1000 * s['max_s']:.1f})")
     print(f"ps + blocksign step (whole)    {1000 * med['ours']:8.1f} ms  {result['ratio_to_stock']:.2f}x stock")
+    print(f"  without its server step      {1000 * med['worker']:8.1f} ms  {result['worker_ratio_to_stock']:.2f}x stock "
+          f"(a rank that is not the server)")
     print(f"GRACE-style EF-sign, worker    {1000 * med['grace_worker']:8.1f} ms  ours is "
           f"{result['ratio_to_grace_worker']:.2f}x of it")
     path = write_json(f"step_threads{args.threads}{'' if result['compiled_kernels'] else '_torch'}.json", result)

@@ -25,4 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("descend_", &descend_, "w = mu w + wd x; x -= lr (delta + (nesterov ? mu w + wd x : w))",
         py::arg("params"), py::arg("delta"), py::arg("decay_buffer"), py::arg("lr"), py::arg("mu"),
         py::arg("weight_decay"), py::arg("nesterov"));
+  m.def("descend_blocksign_", &descend_blocksign_, "descend_ with delta given as blocksign payloads",
+        py::arg("params"), py::arg("starts"), py::arg("scales"), py::arg("bits"), py::arg("block_sizes"),
+        py::arg("decay_buffer"), py::arg("lr"), py::arg("mu"), py::arg("weight_decay"), py::arg("nesterov"));
 }

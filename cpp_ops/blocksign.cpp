@@ -17,8 +17,13 @@
 
 #include <ATen/Parallel.h>
 
+#ifdef HVD_DISTEF_X86_GCC
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -75,17 +80,41 @@ inline void or_byte(uint8_t* bits, int64_t byte, uint8_t v) {
   if (v) __atomic_fetch_or(bits + byte, v, __ATOMIC_RELAXED);
 }
 
-// Packs the signs of src over [lo, hi) into bits (zeros on entry).
-HOT void pack_sign_bits(const float* src, uint8_t* bits, int64_t lo, int64_t hi) {
-  int64_t i = lo;
-  uint8_t head = 0;
-  for (; i < hi && (i & 7); ++i) head |= (uint8_t)(src[i] >= 0.0f) << (i & 7);
-  if (lo & 7) or_byte(bits, lo >> 3, head);
+// Whole bytes of sign bits from i (a multiple of 8) while 8 elements remain; returns where it
+// stopped. Portable: GCC does not vectorise the bit assembly (about 2x slower than the AVX2 twin).
+int64_t pack_whole_bytes(const float* src, uint8_t* bits, int64_t i, int64_t hi) {
   for (; i + 8 <= hi; i += 8) {
     uint8_t byte = 0;
     for (int k = 0; k < 8; ++k) byte |= (uint8_t)(src[i + k] >= 0.0f) << k;
     bits[i >> 3] = byte;
   }
+  return i;
+}
+
+#ifdef HVD_DISTEF_X86_GCC
+// The same bytes with AVX2: one ordered x >= 0 compare (false for NaN, true for -0.0, as above) and
+// a movemask per 8 elements.
+__attribute__((target("avx2"))) int64_t pack_whole_bytes_avx2(const float* src, uint8_t* bits, int64_t i,
+                                                               int64_t hi) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (; i + 8 <= hi; i += 8)
+    bits[i >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(src + i), zero, _CMP_GE_OQ));
+  return i;
+}
+const bool kAvx2 = __builtin_cpu_supports("avx2");
+#endif
+
+// Packs the signs of src over [lo, hi) into bits (zeros on entry).
+void pack_sign_bits(const float* src, uint8_t* bits, int64_t lo, int64_t hi) {
+  int64_t i = lo;
+  uint8_t head = 0;
+  for (; i < hi && (i & 7); ++i) head |= (uint8_t)(src[i] >= 0.0f) << (i & 7);
+  if (lo & 7) or_byte(bits, lo >> 3, head);
+#ifdef HVD_DISTEF_X86_GCC
+  i = kAvx2 ? pack_whole_bytes_avx2(src, bits, i, hi) : pack_whole_bytes(src, bits, i, hi);
+#else
+  i = pack_whole_bytes(src, bits, i, hi);
+#endif
   uint8_t tail = 0;
   const int64_t tail_start = i;
   for (; i < hi; ++i) tail |= (uint8_t)(src[i] >= 0.0f) << (i & 7);
@@ -162,6 +191,42 @@ void check_payload(const at::Tensor& scales, const at::Tensor& bits, const Layou
                     "bits must be uint8 with ceil(numel/8) bytes");
 }
 
+// out[0 .. hi-lo) = 0 + (±scale) over [lo, hi): one payload's decompression, (0 + v) / 1 without the
+// division (exact); whole bytes of bits are unpacked 8 elements at a time (out may not alias the sign
+// table: __restrict__ lets GCC vectorise the 8, 3.5x faster).
+HOT void decompress_range(const uint8_t* bits, float scale, int64_t lo, int64_t hi, float* __restrict__ out) {
+  int64_t i = lo;
+  for (; i < hi && (i & 7); ++i) out[i - lo] = 0.0f + signed_scale(bits, i, scale);
+  for (; i + 8 <= hi; i += 8) {
+    const float* sign = kSigns.v[bits[i >> 3]];
+    for (int k = 0; k < 8; ++k) out[i - lo + k] = 0.0f + sign[k] * scale;  // ±1 · s is exact
+  }
+  for (; i < hi; ++i) out[i - lo] = 0.0f + signed_scale(bits, i, scale);
+}
+
+// out[0 .. hi-lo) = (((0 + v_0) + v_1) + ... + v_{M-1}) / M over [lo, hi) of block blk, M payloads.
+HOT void mean_of_range(const std::vector<const float*>& scales, const std::vector<const uint8_t*>& bits, int64_t blk,
+                       int64_t lo, int64_t hi, float* __restrict__ out) {
+  const float count = (float)scales.size();
+  auto mean_at = [&](int64_t i) {
+    float acc = 0.0f;
+    for (size_t m = 0; m < scales.size(); ++m) acc += signed_scale(bits[m], i, scales[m][blk]);
+    return acc / count;
+  };
+  int64_t i = lo;
+  for (; i < hi && (i & 7); ++i) out[i - lo] = mean_at(i);
+  for (; i + 8 <= hi; i += 8) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (size_t m = 0; m < scales.size(); ++m) {
+      const float* sign = kSigns.v[bits[m][i >> 3]];
+      const float sc = scales[m][blk];
+      for (int k = 0; k < 8; ++k) acc[k] += sign[k] * sc;  // ±1 · s is exact
+    }
+    for (int k = 0; k < 8; ++k) out[i - lo + k] = acc[k] / count;
+  }
+  for (; i < hi; ++i) out[i - lo] = mean_at(i);
+}
+
 struct Payloads {
   std::vector<const float*> scales;
   std::vector<const uint8_t*> bits;
@@ -174,26 +239,12 @@ struct Payloads {
     }
   }
   // out[0 .. hi-lo) = (((0 + v_0) + v_1) + ... + v_{M-1}) / M over [lo, hi) of block blk, the order
-  // of the torch path; whole bytes of bits are unpacked 8 elements at a time.
+  // of the torch path.
   void mean_range(int64_t lo, int64_t hi, int64_t blk, float* out) const {
-    const float count = (float)scales.size();
-    int64_t i = lo;
-    for (; i < hi && (i & 7); ++i) out[i - lo] = mean_at(i, blk) / count;
-    for (; i + 8 <= hi; i += 8) {
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (size_t m = 0; m < scales.size(); ++m) {
-        const float* sign = kSigns.v[bits[m][i >> 3]];
-        const float sc = scales[m][blk];
-        for (int k = 0; k < 8; ++k) acc[k] += sign[k] * sc;  // ±1 · s is exact
-      }
-      for (int k = 0; k < 8; ++k) out[i - lo + k] = acc[k] / count;
-    }
-    for (; i < hi; ++i) out[i - lo] = mean_at(i, blk) / count;
-  }
-  inline float mean_at(int64_t i, int64_t blk) const {
-    float acc = 0.0f;
-    for (size_t m = 0; m < scales.size(); ++m) acc += signed_scale(bits[m], i, scales[m][blk]);
-    return acc;
+    if (scales.size() == 1)
+      decompress_range(bits[0], scales[0][blk], lo, hi, out);
+    else
+      mean_of_range(scales, bits, blk, lo, hi, out);
   }
 };
 
@@ -259,6 +310,48 @@ FeedbackTask feedback_task(at::Tensor& error, const Segments& segments, const c1
 }
 
 }  // namespace
+
+struct BlocksignPieces::Piece {
+  int64_t start;
+  Layout layout;
+  Payloads payload;
+};
+
+BlocksignPieces::BlocksignPieces(const std::vector<int64_t>& starts, const std::vector<at::Tensor>& scales,
+                                 const std::vector<at::Tensor>& bits,
+                                 const std::vector<std::vector<int64_t>>& block_sizes, int64_t n) {
+  TORCH_CHECK_VALUE(starts.size() == scales.size() && starts.size() == bits.size() &&
+                        starts.size() == block_sizes.size(),
+                    "one start, scales, bits and block sizes per piece");
+  int64_t covered = 0;  // the pieces, in order, leave no gap in [0, n)
+  for (size_t k = 0; k < starts.size(); ++k) {
+    int64_t numel = 0;
+    for (int64_t b : block_sizes[k]) numel += b;
+    TORCH_CHECK_VALUE(starts[k] <= covered, "piece ", k, " starts at ", starts[k], ", leaving elements from ",
+                      covered, " without a payload");
+    Layout layout = make_layout(block_sizes[k], numel);
+    Payloads payload({scales[k]}, {bits[k]}, layout, numel);
+    pieces_.push_back(std::make_unique<Piece>(Piece{starts[k], std::move(layout), std::move(payload)}));
+    covered = std::max(covered, starts[k] + numel);
+  }
+  TORCH_CHECK_VALUE(covered >= n, "the pieces cover ", covered, " of ", n, " elements");
+}
+
+BlocksignPieces::~BlocksignPieces() = default;
+
+void BlocksignPieces::fill(int64_t lo, int64_t hi, float* out) const {
+  for (const auto& piece : pieces_) {
+    const std::vector<int64_t>& offsets = piece->layout.offsets;
+    int64_t a = std::max(lo, piece->start) - piece->start, b = std::min(hi, piece->start + offsets.back()) - piece->start;
+    if (a >= b) continue;
+    int64_t blk = std::upper_bound(offsets.begin(), offsets.end(), a) - offsets.begin() - 1;
+    for (; a < b; ++blk) {
+      const int64_t end = std::min(b, offsets[blk + 1]);
+      piece->payload.mean_range(a, end, blk, out + (a + piece->start - lo));  // one payload: its decompression
+      a = end;
+    }
+  }
+}
 
 // p = d + r*(e - C_prev) (r per segment; C_prev the deferred payload when given); p left in error;
 // returns C(p), whose subtraction from error is deferred.

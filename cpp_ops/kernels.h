@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -12,6 +13,7 @@
 // AVX2 and picked at run time, so one build runs on any x86-64.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define HOT __attribute__((target_clones("avx2", "default")))
+#define HVD_DISTEF_X86_GCC 1  // where hand-written AVX2 twins are also built (picked at run time)
 #else
 #define HOT
 #endif
@@ -48,6 +50,23 @@ at::Tensor blocksign_decompress(at::Tensor scales, at::Tensor bits, std::vector<
                                    int64_t numel, c10::optional<at::Tensor> out);
 at::Tensor pack_signs(at::Tensor x);
 
+// Δ̃ of a range of n elements given as blocksign payloads, decompressed a slice at a time where it is
+// used: piece k (scales[k], bits[k], block_sizes[k]) holds elements [starts[k], starts[k] + its numel)
+// of the range (it may begin before 0 or end after n); in order, the pieces leave no gap in [0, n).
+// fill(lo, hi, out) writes elements [lo, hi) into out[0, hi - lo), as blocksign_decompress would.
+class BlocksignPieces {
+ public:
+  BlocksignPieces(const std::vector<int64_t>& starts, const std::vector<at::Tensor>& scales,
+                  const std::vector<at::Tensor>& bits, const std::vector<std::vector<int64_t>>& block_sizes,
+                  int64_t n);
+  ~BlocksignPieces();
+  void fill(int64_t lo, int64_t hi, float* out) const;
+
+ private:
+  struct Piece;
+  std::vector<std::unique_ptr<Piece>> pieces_;
+};
+
 // majority_vote.cpp: signum's vote (SPEC §3)
 at::Tensor majority_vote(at::Tensor rows, int64_t numel);
 at::Tensor unpack_vote(at::Tensor vote, int64_t numel, c10::optional<at::Tensor> out);
@@ -57,3 +76,8 @@ bool gather_momentum(std::vector<at::Tensor> grads, std::vector<int64_t> sizes, 
                      at::Tensor momentum_out, double mu, bool nesterov, c10::optional<double> inv_scale);
 void descend_(std::vector<at::Tensor> params, at::Tensor delta, c10::optional<at::Tensor> decay_buffer,
               double lr, double mu, double weight_decay, bool nesterov);
+// descend_ with Δ̃ as blocksign payloads (BlocksignPieces), decompressed slice by slice in the same pass
+void descend_blocksign_(std::vector<at::Tensor> params, std::vector<int64_t> starts, std::vector<at::Tensor> scales,
+                        std::vector<at::Tensor> bits, std::vector<std::vector<int64_t>> block_sizes,
+                        c10::optional<at::Tensor> decay_buffer, double lr, double mu, double weight_decay,
+                        bool nesterov);

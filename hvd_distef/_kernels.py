@@ -78,7 +78,7 @@ def blocksign_server_feedback(scales, bits, error, block_sizes, segments, prev_s
 
 
 def _compiled_or_torch(t: torch.Tensor):
-    """Signum's kernels have no Triton twin: cpp_ops on the CPU, else the torch path."""
+    """Kernels without a Triton twin (signum's, ``descend_blocksign_``): cpp_ops on the CPU, else the torch path."""
     return compiled if compiled is not None and t.device.type == "cpu" else torch_path
 
 
@@ -105,3 +105,12 @@ def descend_(params, delta, decay_buffer, lr, mu, weight_decay, nesterov):
     # the compiled and Triton kernels read each parameter in place: they must be contiguous
     path = _pick(delta) if all(p.is_contiguous() for p in params) else torch_path
     path.descend_(list(params), delta, decay_buffer, lr, mu, weight_decay, nesterov)
+
+
+def descend_blocksign_(params, starts, scales, bits, block_sizes, decay_buffer, lr, mu, weight_decay, nesterov):
+    """``descend_`` with Δ̃ as blocksign payloads (``_torch_kernels.descend_blocksign_``): compiled on
+    the CPU; elsewhere the torch path (the optimizer decompresses Δ̃ itself there)."""
+    path = _compiled_or_torch(params[0]) if params and all(p.is_contiguous() for p in params) else torch_path
+    path.descend_blocksign_(list(params), [int(s) for s in starts], list(scales), list(bits),
+                            [[int(n) for n in sizes] for sizes in block_sizes], decay_buffer, lr, mu, weight_decay,
+                            nesterov)

@@ -186,3 +186,28 @@ def descend_(params: List[torch.Tensor], delta: torch.Tensor, decay_buffer: Opti
         if nesterov:
             torch._foreach_add_(u, decay)
     torch._foreach_sub_(params, torch._foreach_mul(u, lr))
+
+
+def descend_blocksign_(params: List[torch.Tensor], starts: Sequence[int], scales: Sequence[torch.Tensor],
+                       bits: Sequence[torch.Tensor], block_sizes: Sequence[Sequence[int]],
+                       decay_buffer: Optional[torch.Tensor], lr: float, mu: float, weight_decay: float,
+                       nesterov: bool) -> None:
+    """``descend_`` with Δ̃ (float32, Σ numel of ``params``) given as blocksign payloads: piece k
+    (``scales[k]``, ``bits[k]``, ``block_sizes[k]``) decompresses to elements [starts[k], starts[k] +
+    its numel) of the group's Δ̃ (it may begin before 0 or end after the group); in order, the pieces
+    leave no gap. Here Δ̃ is decompressed in full first; the compiled kernel decompresses it slice by
+    slice inside the update. Raises ValueError for pieces that leave a gap."""
+    n = sum(p.numel() for p in params)
+    delta = torch.empty(n, dtype=torch.float32, device=scales[0].device if scales else "cpu")
+    covered = 0
+    for start, s, b, sizes in zip(starts, scales, bits, block_sizes):
+        numel = sum(sizes)
+        if start > covered:
+            raise ValueError(f"a piece starts at {start}, leaving elements from {covered} without a payload")
+        lo, hi = max(start, 0), min(start + numel, n)
+        if lo < hi:
+            delta[lo:hi] = blocksign_decompress(s, b, sizes, numel)[lo - start:hi - start]
+        covered = max(covered, start + numel)
+    if covered < n:
+        raise ValueError(f"the pieces cover {covered} of {n} elements")
+    descend_(params, delta, decay_buffer, lr, mu, weight_decay, nesterov)

@@ -32,8 +32,10 @@ from torch.optim.sgd import sgd as functional_sgd
 from . import _kernels, agreement, buckets, horovod_args
 from .comm import Comm
 from .compressors import Compression, get_compressor
+from .compressors.blocksign import BlockSign
 from .error_feedback import ErrorMemory, Segments, Shard, lr_ratio_segments, window
 from .fused import DoubleBuffer, FusedLayout, Range
+from .payload import Payload
 from .topologies import Topology, get_topology
 from .untouched import Rollback, Untouched
 
@@ -74,6 +76,7 @@ class _Exchanged(NamedTuple):
     exposed: bool                    #: the update was written into p.grad (the user may have changed it)
     skipped: bool                    #: nothing to apply (no gradients, a non-finite gradient, AMP's inf)
     nonfinite: Optional[Exception] = None  #: decided after an explicit synchronize(): raise it unless AMP skips
+    pieces: Optional[list] = None    #: Δ̃ still compressed, (fused start, payload) in order: the update decompresses it
 
 
 class DistributedOptimizer(torch.optim.SGD):
@@ -226,6 +229,12 @@ class DistributedOptimizer(torch.optim.SGD):
         self._synchronized = False
         self._should_synchronize = True
         self._exchanged: Optional[_Exchanged] = None
+        # Δ̃ left compressed (one payload per shard, per bucket) for the update pass to decompress
+        # slice by slice (``_kernels.descend_blocksign_``): blocksign on the CPU with the compiled kernels
+        self._update_decompresses = (self._rule == "ef" and isinstance(self.compressor, BlockSign)
+                                     and self.device.type == "cpu" and _kernels.compiled is not None
+                                     and all(b.topology.delivers_payloads for b in self.buckets))
+        self._received: List[Optional[List[Payload]]] = [None] * len(self.buckets)
         this = weakref.ref(self)  # hooks must not keep a discarded optimizer (and its buffers) alive
         self._pipeline: Optional[buckets.BucketPipeline] = None
         self._speculated = False
@@ -449,9 +458,10 @@ class DistributedOptimizer(torch.optim.SGD):
         if self._rule == "sgd":
             self._layout.write_grads(self._delta, decision.has_grad)
         update = None if self._rule == "sgd" else self._delta
+        pieces = self._received_pieces(expose) if self._update_decompresses else None
         if expose and update is not None:
             self._layout.write_grads(update, decision.has_grad)
-        return _Exchanged(update, untouched, expose and update is not None, skipped=False)
+        return _Exchanged(update, untouched, expose and update is not None, skipped=False, pieces=pieces)
 
     def _is_state_initialization(self) -> bool:
         """horovod.torch's ``broadcast_optimizer_state`` calls step() once on a fresh optimizer with
@@ -591,7 +601,22 @@ class DistributedOptimizer(torch.optim.SGD):
         with self._timed("compress"):
             payloads = self._worker_memory.step(self._worker_compressor, self._grad, segments, bucket.worker_shards)
         with self._timed("exchange"):
-            bucket.topology.exchange(payloads, window(segments, a, b))
+            if self._update_decompresses:
+                self._received[k] = bucket.topology.exchange_compressed(payloads, window(segments, a, b))
+            else:
+                bucket.topology.exchange(payloads, window(segments, a, b))
+
+    def _received_pieces(self, expose: bool) -> Optional[list]:
+        """Δ̃ of every bucket as (fused start, payload) in fused order, for the update to decompress;
+        or None after decompressing it into ``self._delta`` (to expose it in p.grad, or where a
+        payload went raw)."""
+        pieces = sorted(((b.start + s.start, payload) for b, received in zip(self.buckets, self._received)
+                         for s, payload in zip(b.topology.shards, received)), key=lambda piece: piece[0])
+        if not expose and all(payload.numel == 0 or "bits" in payload.tensors for _, payload in pieces):
+            return [(start, payload) for start, payload in pieces if payload.numel]
+        for bucket, received in zip(self.buckets, self._received):
+            bucket.topology.decompress_shards(received)
+        return None
 
     def _group_slices(self, a: int, b: int):
         """(start, stop, group) of each param group's part of the fused range [a, b)."""
@@ -633,7 +658,7 @@ class DistributedOptimizer(torch.optim.SGD):
             update = done.update
             if done.exposed:  # what the user left in p.grad after synchronize() (clipped, say)
                 self._layout.read_grads(update)
-            self._apply(update, momentum_of_decay=self._rule == "ef")
+            self._apply(update, done.pieces, momentum_of_decay=self._rule == "ef")
         for u in done.untouched:
             u.restore()
         for g in self.param_groups:
@@ -645,18 +670,26 @@ class DistributedOptimizer(torch.optim.SGD):
         if not self._initialized or self._momentum is not None:
             self._initialize_state()
 
-    def _apply(self, delta: torch.Tensor, momentum_of_decay: bool = True) -> None:
+    def _apply(self, delta: torch.Tensor, pieces: Optional[list] = None, momentum_of_decay: bool = True) -> None:
         """Weight decay with its own momentum w (uncompressed), then x = x − η·u (SPEC §1):
         w = μ·w + λ·x;  u = Δ̃ + μ·w + λ·x (nesterov) or Δ̃ + w;  x = x − η·u. Without
-        ``momentum_of_decay`` (signum), u = Δ̃ + λ·x."""
+        ``momentum_of_decay`` (signum), u = Δ̃ + λ·x. Δ̃ is ``delta``, or the ``pieces`` still
+        compressed (``_received_pieces``)."""
         layout = self._layout
         for (start, stop), group, params in zip(layout.group_bounds, self.param_groups, layout.group_params):
             if not params:
                 continue
             wd = group["weight_decay"]
             mu, nesterov = (group["momentum"], group["nesterov"]) if momentum_of_decay else (0.0, False)
-            _kernels.descend_(params, delta[start:stop], self._wd_buffer[start:stop] if wd != 0 else None,
-                              group["lr"], mu, wd, nesterov)
+            decay = self._wd_buffer[start:stop] if wd != 0 else None
+            if pieces is None:
+                _kernels.descend_(params, delta[start:stop], decay, group["lr"], mu, wd, nesterov)
+                continue
+            mine = [(at - start, payload) for at, payload in pieces if at < stop and at + payload.numel > start]
+            _kernels.descend_blocksign_(params, [at for at, _ in mine], [payload["scales"] for _, payload in mine],
+                                        [payload["bits"] for _, payload in mine],
+                                        [payload.block_sizes for _, payload in mine], decay, group["lr"], mu, wd,
+                                        nesterov)
 
     def _sgd_update(self) -> None:
         """torch's own SGD update on the averaged p.grad (what ``torch.optim.SGD.step`` runs, without

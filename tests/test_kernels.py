@@ -266,6 +266,51 @@ def test_descend_rejects_bad_arguments():
         cpp.descend_([torch.zeros(3)], torch.zeros(3), None, 0.1, 0.9, 1e-4, True)
 
 
+def pieces_of(delta, cuts, blocks_per_piece, seed=0):
+    """Blocksign payloads of ``delta`` cut at ``cuts`` (a piece may begin before 0 or end after the
+    group: ``delta`` is padded by 16 random elements on both sides), each in ``blocks_per_piece`` blocks."""
+    padded = torch.cat([rand(16, seed + 1), delta, rand(16, seed + 2)])
+    starts, scales, bits, sizes = [], [], [], []
+    for a, b in zip(cuts, cuts[1:]):
+        blocks = split(b - a, min(blocks_per_piece, b - a), seed)
+        s, bt = ref.blocksign_compress(padded[a + 16:b + 16], blocks)
+        starts.append(a), scales.append(s), bits.append(bt), sizes.append(blocks)
+    return starts, scales, bits, sizes
+
+
+@pytest.mark.parametrize("sizes", sorted(UPDATE_SIZES))
+@pytest.mark.parametrize("mu,wd,nesterov", [(0.9, 5e-4, True), (0.9, 5e-4, False), (0.9, 0.0, True)])
+def test_descend_blocksign_is_descend_of_the_decompressed_update(sizes, mu, wd, nesterov):
+    """Δ̃ decompressed slice by slice inside the update (pieces cut across parameters, beginning
+    before the group and ending after it) gives exactly descend_ of the decompressed Δ̃."""
+    shapes = UPDATE_SIZES[sizes]
+    n = sum(shapes)
+    cuts = sorted({-5, n // 3 + 1, n // 2, n + 7} | {max(1, n // 7)})
+    starts, scales, bits, blocks = pieces_of(rand(n, 6), cuts, 5)
+    delta = torch.cat([ref.blocksign_decompress(s, b, bl, sum(bl)) for s, b, bl in zip(scales, bits, blocks)])
+    delta = delta[5:5 + n]
+    x_ref = [t.clone() for t in rand(n, 3).split(shapes)]
+    x, x_torch = [t.clone() for t in x_ref], [t.clone() for t in x_ref]
+    w_ref = rand(n, 4)
+    w, w_torch = w_ref.clone(), w_ref.clone()
+    ref.descend_(x_ref, delta, w_ref, 0.1, mu, wd, nesterov)
+    cpp.descend_blocksign_(x, starts, scales, bits, blocks, w, 0.1, mu, wd, nesterov)
+    ref.descend_blocksign_(x_torch, starts, scales, bits, blocks, w_torch, 0.1, mu, wd, nesterov)
+    for got, w_got in ((x, w), (x_torch, w_torch)):
+        assert all(torch.equal(a, b) for a, b in zip(got, x_ref))
+        assert torch.equal(w_got, w_ref)
+
+
+@pytest.mark.parametrize("path", ["cpp", "torch"])
+@pytest.mark.parametrize("starts,message", [([3, 40], "piece 0 starts at 3|starts at 3"),
+                                            ([0, 60], "starts at 60"), ([0, 40], "cover")])
+def test_descend_blocksign_refuses_pieces_that_leave_a_gap(path, starts, message):
+    kernels = cpp if path == "cpp" else ref
+    _, scales, bits, blocks = pieces_of(rand(100), [0, 50, 90], 3)
+    with pytest.raises(ValueError, match=message):
+        kernels.descend_blocksign_([torch.zeros(100)], starts, scales, bits, blocks, None, 0.1, 0.9, 0.0, True)
+
+
 def test_multi_rank_run_agrees_with_torch_path(tmp_path):
     """Two ranks, `ps` + blocksign: ranks identical within each path, the paths agree to float rounding."""
     finals = {}

@@ -79,8 +79,20 @@ class Topology:
         return shards
 
     def exchange(self, payloads: List[Payload], segments: Segments) -> torch.Tensor:
-        """Send this worker's Δ_i (one payload per shard); return Δ̃, bit-identical on every rank."""
+        """Send this worker's Δ_i (one payload per shard); return Δ̃, bit-identical on every rank
+        (float32 [numel], in ``self.delta``: valid until the next exchange)."""
+        return self.decompress_shards(self.exchange_compressed(payloads, segments))
+
+    def exchange_compressed(self, payloads: List[Payload], segments: Segments) -> List[Payload]:
+        """``exchange`` up to Δ̃'s wire bytes: Δ̃ as one payload per shard, the same bytes on every rank
+        (the optimizer may decompress them inside its update). Topologies whose result is not that
+        (``allgather``, the baselines) override ``exchange`` instead."""
         raise NotImplementedError
+
+    @property
+    def delivers_payloads(self) -> bool:
+        """Whether ``exchange_compressed`` gives Δ̃ (this class does not override ``exchange``)."""
+        return type(self).exchange is Topology.exchange
 
     # --- shared pieces -------------------------------------------------------------------------
     def note_partial_sum(self, partial: torch.Tensor, terms: int) -> None:
@@ -105,10 +117,14 @@ class Topology:
         return self.server_memory.step(self.compressor, mean, window(segments, s.start, s.stop),
                                        [Shard(0, s.numel, s.block_sizes)])[0]
 
-    def decompress_shards(self, bufs: List[torch.Tensor]) -> torch.Tensor:
-        """Δ̃ from the wire bytes of every shard, into ``self.delta``."""
-        for j, (buf, s) in enumerate(zip(bufs, self.shards)):
-            self.compressor.decompress_into(self.decode(buf, j), self.delta[s.start:s.stop])
+    def decode_shards(self, bufs: List[torch.Tensor]) -> List[Payload]:
+        """The payload of every shard from its wire bytes, in shard order."""
+        return [self.decode(buf, j) for j, buf in enumerate(bufs)]
+
+    def decompress_shards(self, payloads: List[Payload]) -> torch.Tensor:
+        """Δ̃ from the payload of every shard, into ``self.delta``."""
+        for payload, s in zip(payloads, self.shards):
+            self.compressor.decompress_into(payload, self.delta[s.start:s.stop])
         return self.delta
 
     def server_reduce(self, payloads: List[Payload], segments: Segments, shard: int = 0) -> Payload:

@@ -29,7 +29,7 @@ class ParameterServer(Topology):
         if comm.rank == ROOT:
             self.server_memory = ErrorMemory(self.numel, self.device)
 
-    def exchange(self, payloads: List[Payload], segments: Segments) -> torch.Tensor:
+    def exchange_compressed(self, payloads: List[Payload], segments: Segments) -> List[Payload]:
         comm, s = self.comm, self.nbytes[0]
         gathered = comm.gather(payloads[0].to_bytes(), ROOT)
         if comm.rank == ROOT:
@@ -37,4 +37,4 @@ class ParameterServer(Topology):
         else:
             broadcast = torch.empty(s, dtype=torch.uint8, device=self.device)
         comm.bcast(broadcast, ROOT)
-        return self.decompress_shards([broadcast])
+        return self.decode_shards([broadcast])

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import List
 
-import torch
-
 from ..error_feedback import Segments
 from ..payload import Payload
 from .base import ShardPerRank
@@ -24,7 +22,7 @@ from .base import ShardPerRank
 class Ring(ShardPerRank):
     name = "ring"
 
-    def exchange(self, payloads: List[Payload], segments: Segments) -> torch.Tensor:
+    def exchange_compressed(self, payloads: List[Payload], segments: Segments) -> List[Payload]:
         comm, me, M, sizes = self.comm, self.comm.rank, self.comm.size, self.nbytes
         right, left = (me + 1) % M, (me - 1) % M
         # Reduce-scatter: at hop k send chunk (me-k-1), receive chunk (me-k-2); rank me ends with chunk me.
@@ -44,4 +42,4 @@ class Ring(ShardPerRank):
         for k in range(M - 1):
             out_chunk, in_chunk = (me - k) % M, (me - k - 1) % M
             chunks[in_chunk] = comm.sendrecv(chunks[out_chunk], right, sizes[in_chunk], left)
-        return self.decompress_shards([chunks[j] for j in range(M)])
+        return self.decode_shards([chunks[j] for j in range(M)])

@@ -22,10 +22,10 @@ from .base import ShardPerRank
 class Sharded(ShardPerRank):
     name = "sharded"
 
-    def exchange(self, payloads: List[Payload], segments: Segments) -> torch.Tensor:
+    def exchange_compressed(self, payloads: List[Payload], segments: Segments) -> List[Payload]:
         comm, me, sizes = self.comm, self.comm.rank, self.nbytes
         send = torch.cat([p.to_bytes() for p in payloads])
         mine = comm.alltoallv(send, sizes, [sizes[me]] * comm.size)     # shard `me` from every worker
         server = self.server_reduce(self.decode_many(mine, me), segments, me).to_bytes()  # server step, shard `me`
         everything = comm.allgatherv(server, sizes)
-        return self.decompress_shards(everything.split(sizes))
+        return self.decode_shards(everything.split(sizes))

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-import torch
-
 from ..error_feedback import ErrorMemory, Segments
 from ..payload import Payload
 from .base import Topology
@@ -50,7 +48,7 @@ class Tree(Topology):
         if comm.rank == ROOT:
             self.server_memory = ErrorMemory(self.numel, self.device)
 
-    def exchange(self, payloads: List[Payload], segments: Segments) -> torch.Tensor:
+    def exchange_compressed(self, payloads: List[Payload], segments: Segments) -> List[Payload]:
         comm, s = self.comm, self.nbytes[0]
         message = payloads[0]
         if self.children or self.parent is None:
@@ -69,4 +67,4 @@ class Tree(Topology):
             down = message.to_bytes()
         for child in reversed(self.children):
             comm.send(down, child)
-        return self.decompress_shards([down])
+        return self.decode_shards([down])

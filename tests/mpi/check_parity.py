@@ -1,16 +1,18 @@
 """Drop-in parity (SPEC §5a, issue 11): each case checks an exact right value against an independent
 computation (stock horovod.torch on the same script, plain torch SGD, hand-computed floats), on
 every topology where it applies. Run under mpirun with 2 and 3 ranks by tests/test_parity.py."""
+import contextlib
 import threading
 import warnings
 
 import horovod.torch as hvd
 import torch
 
-from common import COMM, assert_identical_across_ranks, flat, loss_of, make_model, roundtrip, wrap
+from common import COMM, assert_identical_across_ranks, flat, loss_of, make_model, roundtrip, sgd_two_groups, wrap
 from harness import run
 
 import hvd_distef
+from hvd_distef import _kernels
 
 RANK, M = COMM.rank, COMM.size
 #: (topology, compression) pairs: every topology, and the compressors whose blocks span tensors
@@ -623,6 +625,29 @@ def gradient_clipping_recipe():
     return "ok"
 
 
+def update_decompressing_payloads_equals_decompressed_update():
+    """Δ̃ left compressed and decompressed slice by slice inside the update (a plain step() on the
+    CPU) against Δ̃ decompressed in full (synchronize(), then step() reads it back from p.grad): bit
+    for bit on every error-feedback topology, blocks of 5 cut across parameters and param groups."""
+    for topology in ("ps", "sharded", "ring", "tree"):
+        finals = []
+        for exposed in (False, True):
+            model = make_model()
+            opt = wrap(model, sgd_two_groups(model), compression=hvd_distef.Compression.blocksign(block_size=5),
+                       topology=topology)
+            assert opt._update_decompresses == (_kernels.compiled is not None)
+            for t in range(3):
+                opt.zero_grad()
+                loss_of(model, RANK, t).backward()
+                if exposed:
+                    opt.synchronize()
+                with opt.skip_synchronize() if exposed else contextlib.nullcontext():
+                    opt.step()
+            finals.append(flat(model.parameters()))
+        assert torch.equal(finals[0], finals[1]), f"{topology}: the update that decompresses Δ̃ itself differs"
+    return f"compiled kernels: {_kernels.compiled is not None}"
+
+
 def synchronize_then_step_warns_once():
     for topology, compression in (("allreduce", "none"), ("ps", "blocksign")):
         model = make_model()
@@ -760,7 +785,8 @@ CASES = {f.__name__: f for f in [
     zero_lr_keeps_errors_and_rescales_by_last_nonzero, broadcast_optimizer_state_takes_no_step,
     grad_scaler_skips_on_every_rank, horovod_amp_recipe_skips_alike, stock_checkpoint_resumes_under_allreduce,
     fp16_on_the_wire_stays_finite, ranks_that_disagree_raise_on_every_rank,
-    rejected_checkpoint_changes_nothing, an_error_leaves_the_next_step_intact, comm_subset_restricts_allreduce, gradient_clipping_recipe, synchronize_then_step_warns_once,
+    rejected_checkpoint_changes_nothing, an_error_leaves_the_next_step_intact, comm_subset_restricts_allreduce, gradient_clipping_recipe,
+    update_decompressing_payloads_equals_decompressed_update, synchronize_then_step_warns_once,
     horovod_arguments_accepted_or_refused, predivide_and_sum_under_allreduce_equal_stock_horovod,
     sparse_gradients_are_densified, step_hooks_run_once_per_step,
     many_optimizers_share_one_communicator_and_watchdog, user_compressor_with_arbitrary_attributes]}
