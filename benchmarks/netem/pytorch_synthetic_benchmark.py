@@ -1,9 +1,9 @@
 # Horovod's examples/pytorch/pytorch_synthetic_benchmark.py (v0.28.1), changed only where marked
 # "hvd_distef:": --distef-topology swaps hvd.DistributedOptimizer for hvd_distef.DistributedOptimizer
-# with blocksign compression on that topology (--distef-overlap: with overlap=True); --image-size
-# (upstream: 224); the model comes from
-# hvd_distef.train.models with torchvision's layout (ImageNet stem), as torchvision's wheels do not load
-# against the CPU build of torch installed here. Compare with `git show HEAD:examples/pytorch/...`.
+# with blocksign compression on that topology (--distef-overlap, --distef-bucket-cap-mb: overlap=True
+# and its bucket size); --image-size (upstream: 224); the model comes from hvd_distef.train.models
+# with torchvision's layout (ImageNet stem), as torchvision's wheels do not load against the CPU
+# build of torch installed here. Compare with `git show HEAD:examples/pytorch/...`.
 import argparse
 import functools
 import torch.backends.cudnn as cudnn
@@ -45,6 +45,8 @@ parser.add_argument('--distef-topology', default=None,
                     help='use hvd_distef.DistributedOptimizer (blocksign) on this topology')
 parser.add_argument('--distef-overlap', action='store_true', default=False,
                     help='with --distef-topology: exchange gradient buckets during backward (overlap=True)')
+parser.add_argument('--distef-bucket-cap-mb', type=float, default=25.0,
+                    help='with --distef-overlap: MiB per bucket (bucket_cap_mb=)')
 parser.add_argument('--image-size', type=int, default=224,
                     help='height and width of the synthetic images')
 
@@ -82,7 +84,7 @@ compression = hvd.Compression.fp16 if args.fp16_allreduce else hvd.Compression.n
 DistributedOptimizer = hvd.DistributedOptimizer
 if args.distef_topology:
     DistributedOptimizer = functools.partial(hvd_distef.DistributedOptimizer, topology=args.distef_topology,
-                                             overlap=args.distef_overlap)
+                                             overlap=args.distef_overlap, bucket_cap_mb=args.distef_bucket_cap_mb)
     compression = hvd_distef.Compression.blocksign
 optimizer = DistributedOptimizer(optimizer,
                                  named_parameters=model.named_parameters(),
