@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from ..train.cli import METHODS
 from .report import Analysis, accuracy_table, curves
-from .runs import Outcome, Scale, Setting, final_accuracy
+from .runs import Outcome, Scale, Setting, final_accuracy, paper_schedule
 from .verdict import better
 
 NAME = "blockwise"
@@ -18,14 +17,11 @@ CLAIM = ("Dist-EF-BlockSGD improves the test accuracy of the non-block version (
 
 
 def schedule(scale: Scale) -> List[str]:
-    if scale.quick:
-        return ["--epochs", "4", "--batch-size", "16"]
-    return ["--epochs", "200", "--batch-size", "16", "--lr-decay-epochs", "100", "150"]
+    return paper_schedule(scale, 4, 16)
 
 
 def settings(scale: Scale) -> List[Setting]:
-    args = tuple(schedule(scale))
-    return [Setting(m, m, args, scale.ranks, METHODS[m]["lr"]) for m in ("ef-blocksgdm", "ef-sgdm")]
+    return [Setting.of(m, m, schedule(scale), scale) for m in ("ef-blocksgdm", "ef-sgdm")]
 
 
 def analyse(outcomes: Dict[str, Outcome], scale: Scale, out) -> Analysis:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from ..train.cli import METHODS
 from .report import Analysis, accuracy_table, curves, pm
 from .runs import Outcome, Scale, Setting, final_accuracy
 from .verdict import better, combine
@@ -30,9 +29,9 @@ def schedule(scale: Scale) -> List[str]:
 
 
 def settings(scale: Scale) -> List[Setting]:
-    args, lr = tuple(schedule(scale)), METHODS["ef-blocksgdm"]["lr"]
-    return [Setting("rescale", "ef-blocksgdm", args, scale.ranks, lr)] + [
-        Setting(f"decay-{b:g}", "ef-blocksgdm", args + ("--error-decay", str(b)), scale.ranks, lr) for b in BETAS]
+    args = schedule(scale)
+    return [Setting.of("rescale", "ef-blocksgdm", args, scale)] + [
+        Setting.of(f"decay-{b:g}", "ef-blocksgdm", args + ["--error-decay", str(b)], scale) for b in BETAS]
 
 
 def analyse(outcomes: Dict[str, Outcome], scale: Scale, out) -> Analysis:

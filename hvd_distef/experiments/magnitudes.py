@@ -7,9 +7,8 @@ from __future__ import annotations
 import math
 from typing import Dict, List
 
-from ..train.cli import METHODS
 from .report import Analysis, lines, pm, table
-from .runs import Outcome, Scale, Setting
+from .runs import Outcome, Scale, Setting, paper_schedule
 from .verdict import better, combine, mean_std
 
 NAME = "magnitudes"
@@ -24,13 +23,11 @@ GAUSSIAN_DELTA = 2 / math.pi
 
 
 def schedule(scale: Scale) -> List[str]:
-    if scale.quick:
-        return ["--epochs", "4", "--batch-size", "32", "--log-gradient-stats"]
-    return ["--epochs", "200", "--batch-size", "32", "--lr-decay-epochs", "100", "150", "--log-gradient-stats"]
+    return paper_schedule(scale, 4, 32, "--log-gradient-stats")
 
 
 def settings(scale: Scale) -> List[Setting]:
-    return [Setting("ef-blocksgdm", "ef-blocksgdm", tuple(schedule(scale)), scale.ranks, METHODS["ef-blocksgdm"]["lr"])]
+    return [Setting.of("ef-blocksgdm", "ef-blocksgdm", schedule(scale), scale)]
 
 
 def _run_mean(run: dict, key) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from ..train.cli import METHODS
 from .report import Analysis, curves, pm, table
 from .runs import Outcome, Scale, Setting, mean_accuracy
 from .verdict import better, combine, difference
@@ -29,9 +28,8 @@ def schedule(scale: Scale) -> List[str]:
 
 
 def settings(scale: Scale) -> List[Setting]:
-    lr = METHODS["ef-blocksgdm"]["lr"]
-    return [Setting(f"b{b}-mu{mu:g}", "ef-blocksgdm", tuple(schedule(scale)) + ("--batch-size", str(b), "--momentum",
-                                                                                  str(mu)), scale.ranks, lr)
+    return [Setting.of(f"b{b}-mu{mu:g}", "ef-blocksgdm",
+                       schedule(scale) + ["--batch-size", str(b), "--momentum", str(mu)], scale)
             for b in BATCHES for mu in (0.9, 0.0)]
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..report import read_run
+from ..train.cli import METHODS
 from ..train.loop import METRICS_FILE
 from .verdict import mean_std
 
@@ -66,6 +67,19 @@ class Setting:
     args: Tuple[str, ...]
     ranks: int
     lr: float
+
+    @classmethod
+    def of(cls, name: str, method: str, args: Sequence[str], scale: "Scale") -> "Setting":
+        """``method`` (a training CLI preset) with ``args``, on ``scale``'s ranks, at the preset's lr."""
+        return cls(name, method, tuple(args), scale.ranks, METHODS[method]["lr"])
+
+
+def paper_schedule(scale: "Scale", quick_epochs: int, batch: int, *flags: str) -> List[str]:
+    """The paper's schedule at the full scale (200 epochs, lr x0.1 after epochs 100 and 150), or
+    ``quick_epochs`` epochs without a drop at the quick scale; ``batch`` per worker, then ``flags``."""
+    if scale.quick:
+        return ["--epochs", str(quick_epochs), "--batch-size", str(batch), *flags]
+    return ["--epochs", "200", "--batch-size", str(batch), "--lr-decay-epochs", "100", "150", *flags]
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from ..train.cli import METHODS
 from .report import Analysis, accuracy_table, bars, curves
-from .runs import Outcome, Scale, Setting, epoch_mean, final_accuracy
+from .runs import Outcome, Scale, Setting, epoch_mean, final_accuracy, paper_schedule
 from .verdict import better, combine
 
 NAME = "signum"
@@ -19,17 +18,14 @@ CLAIM = ("dist-EF-BlockSGDM outperforms signum with majority vote, which [4] sho
 
 
 def schedule(scale: Scale) -> List[str]:
-    if scale.quick:
-        return ["--epochs", "5", "--batch-size", "32"]
-    return ["--epochs", "200", "--batch-size", "32", "--lr-decay-epochs", "100", "150"]
+    return paper_schedule(scale, 5, 32)
 
 
 def settings(scale: Scale) -> List[Setting]:
-    args = tuple(schedule(scale))
-    return [Setting("ef-blocksgdm", "ef-blocksgdm", args, scale.ranks, METHODS["ef-blocksgdm"]["lr"]),
-            Setting("signum", "signum", args, scale.ranks, METHODS["signum"]["lr"]),
-            Setting("ef-qsgd", "ef-blocksgdm", args + ("--compression", "qsgd"), scale.ranks, METHODS["ef-blocksgdm"]["lr"]),
-            Setting("sgdm", "sgdm", args, scale.ranks, METHODS["sgdm"]["lr"])]
+    args = schedule(scale)
+    return [Setting.of("ef-blocksgdm", "ef-blocksgdm", args, scale), Setting.of("signum", "signum", args, scale),
+            Setting.of("ef-qsgd", "ef-blocksgdm", args + ["--compression", "qsgd"], scale),
+            Setting.of("sgdm", "sgdm", args, scale)]
 
 
 def analyse(outcomes: Dict[str, Outcome], scale: Scale, out) -> Analysis:

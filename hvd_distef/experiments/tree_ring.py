@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from ..train.cli import METHODS
 from .report import Analysis, accuracy_table, bars, curves, pm, table
 from .runs import Outcome, Scale, Setting, final_accuracy
 from .verdict import better, combine, mean_std
@@ -32,11 +31,11 @@ def schedule(scale: Scale) -> List[str]:
 
 
 def settings(scale: Scale) -> List[Setting]:
-    args, lr = tuple(schedule(scale)), METHODS["ef-blocksgdm"]["lr"]
-    blocksign = [Setting(f"blocksign-{t}", "ef-blocksgdm", args + ("--topology", t), scale.ranks, lr)
+    args = schedule(scale)
+    blocksign = [Setting.of(f"blocksign-{t}", "ef-blocksgdm", args + ["--topology", t], scale)
                  for t in ("ps", "tree", "ring")]
-    topk = [Setting(f"topk-{t}", "ef-blocksgdm", args + ("--topology", t, "--compression", "topk",
-                                                          "--log-gradient-stats"), scale.ranks, lr) for t in ("tree", "ring")]
+    topk = [Setting.of(f"topk-{t}", "ef-blocksgdm", args + ["--topology", t, "--compression", "topk",
+                                                             "--log-gradient-stats"], scale) for t in ("tree", "ring")]
     return blocksign + topk
 
 
