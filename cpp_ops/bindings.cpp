@@ -8,6 +8,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blocksign_feedback", &blocksign_feedback, "EF step: p = d + r (e - C_prev); C(p); p left in e",
         py::arg("d"), py::arg("error"), py::arg("block_sizes"), py::arg("segments"),
         py::arg("prev_scales") = py::none(), py::arg("prev_bits") = py::none());
+  m.def("worker_blocksign_feedback", &worker_blocksign_feedback,
+        "the worker's momentum and EF step in one pass, p written to error_out; (scales, bits, usable)",
+        py::arg("grads"), py::arg("sizes"), py::arg("mus"), py::arg("nesterovs"), py::arg("offset"),
+        py::arg("momentum"), py::arg("momentum_out"), py::arg("error"), py::arg("error_out"), py::arg("block_sizes"),
+        py::arg("segments"), py::arg("prev_scales") = py::none(), py::arg("prev_bits") = py::none(),
+        py::arg("inv_scale") = py::none());
   m.def("blocksign_compress", &blocksign_compress, "scales and packed signs of x");
   m.def("blocksign_decompress", &blocksign_decompress, "scale_b * sign", py::arg("scales"), py::arg("bits"),
         py::arg("block_sizes"), py::arg("numel"), py::arg("out") = py::none());

@@ -22,6 +22,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <memory>
 #include <tuple>
@@ -125,40 +126,40 @@ inline float signed_scale(const uint8_t* bits, int64_t i, float scale) {
   return (bits[i >> 3] >> (i & 7)) & 1 ? scale : -scale;
 }
 
-// p = d + r*e stored in e over [a, b); returns sum |p| (double partial sums: scales as accurate as
-// torch's reductions).
-HOT double compensate_range(const float* d, float* e, int64_t a, int64_t b, float r) {
+// p = d + r*e_in stored in e_out over [a, b) (e_out may be e_in: in place); returns sum |p| (double
+// partial sums: scales as accurate as torch's reductions).
+HOT double compensate_range(const float* d, const float* e_in, float* e_out, int64_t a, int64_t b, float r) {
   double acc = 0.0;
   if (r == 0.0f) {
 #pragma omp simd reduction(+ : acc)
     for (int64_t i = a; i < b; ++i) {
       const float p = d[i];
-      e[i] = p;
+      e_out[i] = p;
       acc += std::fabs(p);
     }
   } else {
 #pragma omp simd reduction(+ : acc)
     for (int64_t i = a; i < b; ++i) {
-      const float t = r * e[i];
+      const float t = r * e_in[i];
       const float p = d[i] + t;
-      e[i] = p;
+      e_out[i] = p;
       acc += std::fabs(p);
     }
   }
   return acc;
 }
 
-// e <- d + r*(e - scale*sign_prev) over [a, b) of one block, in one sweep: the previous step's
+// e_out <- d + r*(e_in - scale*sign_prev) over [a, b) of one block, in one sweep: the previous step's
 // deferred e = p - (±scale) (as the torch path computes it; ±1 · s is exact), then this step's
-// p = d + r*e. Returns sum |p|.
-HOT double settle_compensate_range(const float* d, float* e, const uint8_t* bits, float scale, int64_t a, int64_t b,
-                                   float r) {
+// p = d + r*e. e_out may be e_in. Returns sum |p|.
+HOT double settle_compensate_range(const float* d, const float* e_in, float* e_out, const uint8_t* bits, float scale,
+                                   int64_t a, int64_t b, float r) {
   double acc = 0.0;
   int64_t i = a;
   auto one = [&](int64_t j) {
-    const float t = r * (e[j] - signed_scale(bits, j, scale));
+    const float t = r * (e_in[j] - signed_scale(bits, j, scale));
     const float p = d[j] + t;
-    e[j] = p;
+    e_out[j] = p;
     acc += std::fabs(p);
   };
   for (; i < b && (i & 7); ++i) one(i);
@@ -167,9 +168,9 @@ HOT double settle_compensate_range(const float* d, float* e, const uint8_t* bits
     double part = 0.0;
 #pragma omp simd reduction(+ : part)
     for (int k = 0; k < 8; ++k) {
-      const float t = r * (e[i + k] - sign[k] * scale);
+      const float t = r * (e_in[i + k] - sign[k] * scale);
       const float p = d[i + k] + t;
-      e[i + k] = p;
+      e_out[i + k] = p;
       part += std::fabs(p);
     }
     acc += part;
@@ -250,10 +251,12 @@ struct Payloads {
 
 // The one pass shared by every kernel: per task, sum = task_pass(lo, hi, block) leaves the
 // vector to compress in src[lo, hi) and returns its L1 norm there; the signs are packed while
-// the slice is in cache. Then the block scales. Returns (scales, bits).
+// the slice is in cache. Then the block scales: a non-finite one raises ValueError, or with
+// ``finite`` given, sets *finite to false (its caller discards the payload). Returns (scales, bits).
 template <class TaskPass>
 std::tuple<at::Tensor, at::Tensor> one_pass(const Layout& l, int64_t numel, const float* src,
-                                                  TaskPass task_pass, const at::TensorOptions& opts) {
+                                                  TaskPass task_pass, const at::TensorOptions& opts,
+                                                  bool* finite = nullptr) {
   const int64_t nblocks = (int64_t)l.offsets.size() - 1;
   auto scales = at::zeros({nblocks}, opts.dtype(at::kFloat));
   auto bits = at::zeros({(numel + 7) / 8}, opts.dtype(at::kByte));
@@ -272,16 +275,19 @@ std::tuple<at::Tensor, at::Tensor> one_pass(const Layout& l, int64_t numel, cons
     double sum = 0.0;
     for (; t < l.tasks.size() && l.tasks[t].block == blk; ++t) sum += partial[t];
     const float scale = (float)(sum / (double)(l.offsets[blk + 1] - l.offsets[blk]));
-    TORCH_CHECK_VALUE(std::isfinite(scale), "blocksign: non-finite values (inf or NaN) in block ", blk,
-                      " (elements ", l.offsets[blk], " to ", l.offsets[blk + 1], "); check the gradients");
+    if (finite != nullptr && !std::isfinite(scale)) *finite = false;
+    TORCH_CHECK_VALUE(finite != nullptr || std::isfinite(scale), "blocksign: non-finite values (inf or NaN) in block ",
+                      blk, " (elements ", l.offsets[blk], " to ", l.offsets[blk + 1], "); check the gradients");
     s[blk] = scale;
   }
   return {scales, bits};
 }
 
-// The error steps' task: settle the deferred correction (prev), then p = d + r*e into e.
+// The error steps' task: settle the deferred correction (prev), then p = d + r*e, e read from e_in
+// and p written to e_out (the same buffer, but for the worker's step ahead).
 struct FeedbackTask {
-  float* e;
+  const float* e_in;
+  float* e_out;
   const Segments& segments;
   const float* prev_scales = nullptr;
   const uint8_t* prev_bits = nullptr;
@@ -289,17 +295,20 @@ struct FeedbackTask {
     double total = 0.0;
     for_each_segment(segments, lo, hi, [&](int64_t a, int64_t b, float r) {
       // with r = 0 the error is not read: nothing to settle
-      total += prev_bits && r != 0.0f ? settle_compensate_range(d, e, prev_bits, prev_scales[blk], a, b, r)
-                                      : compensate_range(d, e, a, b, r);
+      total += prev_bits && r != 0.0f ? settle_compensate_range(d, e_in, e_out, prev_bits, prev_scales[blk], a, b, r)
+                                      : compensate_range(d, e_in, e_out, a, b, r);
     });
     return total;
   }
 };
 
-FeedbackTask feedback_task(at::Tensor& error, const Segments& segments, const c10::optional<at::Tensor>& prev_scales,
-                           const c10::optional<at::Tensor>& prev_bits, const Layout& l) {
+FeedbackTask feedback_task(const at::Tensor& error, at::Tensor& error_out, const Segments& segments,
+                           const c10::optional<at::Tensor>& prev_scales, const c10::optional<at::Tensor>& prev_bits,
+                           const Layout& l) {
   check_vec(error, "error");
-  FeedbackTask task{error.data_ptr<float>(), segments};
+  check_vec(error_out, "error_out");
+  TORCH_CHECK_VALUE(error_out.numel() == error.numel(), "error and error_out differ in length");
+  FeedbackTask task{error.data_ptr<float>(), error_out.data_ptr<float>(), segments};
   TORCH_CHECK_VALUE(prev_scales.has_value() == prev_bits.has_value(), "give both prev_scales and prev_bits, or neither");
   if (prev_bits.has_value()) {
     check_payload(*prev_scales, *prev_bits, l, error.numel());
@@ -363,10 +372,51 @@ std::tuple<at::Tensor, at::Tensor> blocksign_feedback(at::Tensor d, at::Tensor e
   TORCH_CHECK_VALUE(d.numel() == error.numel(), "d and error differ in length");
   const int64_t n = d.numel();
   const Layout l = make_layout(block_sizes, n);
-  const FeedbackTask task = feedback_task(error, segments, prev_scales, prev_bits, l);
+  const FeedbackTask task = feedback_task(error, error, segments, prev_scales, prev_bits, l);
   const float* dp = d.data_ptr<float>();
-  return one_pass(l, n, task.e, [&](int64_t lo, int64_t hi, int64_t blk) { return task(dp, lo, hi, blk); },
+  return one_pass(l, n, task.e_out, [&](int64_t lo, int64_t hi, int64_t blk) { return task(dp, lo, hi, blk); },
                   d.options());
+}
+
+// The worker's side of SPEC §1 on one shard in one pass over memory: per task, the momentum
+// (Gradients::momentum: g read where backward left it, times inv_scale; m' = mu*m + g into
+// momentum_out; d = g + mu*m' or m') into a per-thread slice that stays in cache, then
+// blocksign_feedback's step on it with e read from ``error`` (C_prev settled) and p written to
+// ``error_out``. Element i of the shard is element offset + i of the gradients end to end (an
+// empty one: zeros), each with its group's mu and nesterov; the four buffers are the shard's slices.
+// Writes only momentum_out and error_out: the step can still be dropped. Returns (scales, bits,
+// usable): usable is false where a gradient element (times inv_scale) or a block scale is not
+// finite, and the payload is then meaningless.
+std::tuple<at::Tensor, at::Tensor, bool> worker_blocksign_feedback(
+    std::vector<at::Tensor> grads, std::vector<int64_t> sizes, std::vector<double> mus, std::vector<bool> nesterovs,
+    int64_t offset, at::Tensor momentum, at::Tensor momentum_out, at::Tensor error, at::Tensor error_out,
+    std::vector<int64_t> block_sizes, Segments segments, c10::optional<at::Tensor> prev_scales,
+    c10::optional<at::Tensor> prev_bits, c10::optional<double> inv_scale) {
+  const int64_t n = error.numel();
+  check_vec(momentum, "momentum");
+  check_vec(momentum_out, "momentum_out");
+  TORCH_CHECK_VALUE(momentum.numel() == n && momentum_out.numel() == n, "the momentum buffers must have the error's length");
+  const Gradients gradients(grads, sizes, std::move(mus), std::move(nesterovs));
+  TORCH_CHECK_VALUE(offset >= 0 && offset + n <= gradients.numel(), "the shard [", offset, ", ", offset + n,
+                    ") lies outside the gradients' ", gradients.numel(), " elements");
+  const Layout l = make_layout(block_sizes, n);
+  const FeedbackTask task = feedback_task(error, error_out, segments, prev_scales, prev_bits, l);
+  const float* m_in = momentum.data_ptr<float>();
+  float* m_out = momentum_out.data_ptr<float>();
+  const float s = inv_scale.has_value() ? (float)*inv_scale : 1.0f;
+  std::atomic<bool> nonfinite{false};
+  bool finite = true;
+  auto payload = one_pass(
+      l, n, task.e_out,
+      [&](int64_t lo, int64_t hi, int64_t blk) {
+        thread_local std::vector<float> slice;  // this task's d, in cache for the error step
+        slice.resize(kChunk);
+        if (gradients.momentum(offset + lo, offset + hi, slice.data(), m_in + lo, m_out + lo, s))
+          nonfinite.store(true, std::memory_order_relaxed);
+        return task(slice.data() - lo, lo, hi, blk);
+      },
+      error.options(), &finite);
+  return {std::get<0>(payload), std::get<1>(payload), finite && !nonfinite.load()};
 }
 
 // The server step, likewise: p = (1/M)*sum_i C_i + r*(e - C_prev), without materialising the mean.
@@ -378,9 +428,9 @@ std::tuple<at::Tensor, at::Tensor> blocksign_server_feedback(
   const Layout l = make_layout(block_sizes, n);
   const Payloads in(scales, bits, l, n);
   TORCH_CHECK_VALUE(!in.scales.empty(), "the server step needs at least one payload");
-  const FeedbackTask task = feedback_task(error, segments, prev_scales, prev_bits, l);
+  const FeedbackTask task = feedback_task(error, error, segments, prev_scales, prev_bits, l);
   return one_pass(
-      l, n, task.e,
+      l, n, task.e_out,
       [&](int64_t lo, int64_t hi, int64_t blk) {
         thread_local std::vector<float> mean;  // one task's mean, in cache for the rest of the task
         mean.resize(kChunk);

@@ -38,6 +38,13 @@ std::tuple<at::Tensor, at::Tensor> blocksign_feedback(at::Tensor d, at::Tensor e
                                                             std::vector<int64_t> block_sizes, Segments segments,
                                                             c10::optional<at::Tensor> prev_scales,
                                                             c10::optional<at::Tensor> prev_bits);
+// The worker's momentum and error step on one shard in one pass (blocksign.cpp: what it reads and
+// writes); returns (scales, bits, usable).
+std::tuple<at::Tensor, at::Tensor, bool> worker_blocksign_feedback(
+    std::vector<at::Tensor> grads, std::vector<int64_t> sizes, std::vector<double> mus, std::vector<bool> nesterovs,
+    int64_t offset, at::Tensor momentum, at::Tensor momentum_out, at::Tensor error, at::Tensor error_out,
+    std::vector<int64_t> block_sizes, Segments segments, c10::optional<at::Tensor> prev_scales,
+    c10::optional<at::Tensor> prev_bits, c10::optional<double> inv_scale);
 std::tuple<at::Tensor, at::Tensor> blocksign_server_feedback(
     std::vector<at::Tensor> scales, std::vector<at::Tensor> bits, at::Tensor error,
     std::vector<int64_t> block_sizes, Segments segments, c10::optional<at::Tensor> prev_scales,
@@ -72,6 +79,21 @@ at::Tensor majority_vote(at::Tensor rows, int64_t numel);
 at::Tensor unpack_vote(at::Tensor vote, int64_t numel, c10::optional<at::Tensor> out);
 
 // sgd_update.cpp: the optimizer's element-wise passes around the exchange (SPEC §1)
+// The gradients of consecutive parameters where backward left them, end to end: parameter k spans
+// [offsets[k], offsets[k+1]), gs[k] is its data (null where it has none: an empty tensor: zeros),
+// mus[k] and nesterovs[k] its param group's momentum.
+struct Gradients {
+  std::vector<int64_t> offsets{0};
+  std::vector<const float*> gs;
+  std::vector<double> mus;
+  std::vector<bool> nesterovs;
+  Gradients(const std::vector<at::Tensor>& grads, const std::vector<int64_t>& sizes, std::vector<double> mus,
+            std::vector<bool> nesterovs);
+  int64_t numel() const { return offsets.back(); }
+  // The momentum of SPEC §1 over elements [lo, hi): g = grad*s, m_out = mu*m_in + g, d = g + mu*m_out
+  // (nesterov) or m_out; d, m_in and m_out point to element lo. Returns whether some g is not finite.
+  bool momentum(int64_t lo, int64_t hi, float* d, const float* m_in, float* m_out, float s) const;
+};
 bool gather_momentum(std::vector<at::Tensor> grads, std::vector<int64_t> sizes, at::Tensor d, at::Tensor momentum,
                      at::Tensor momentum_out, double mu, bool nesterov, c10::optional<double> inv_scale);
 void descend_(std::vector<at::Tensor> params, at::Tensor delta, c10::optional<at::Tensor> decay_buffer,

@@ -94,19 +94,11 @@ HOT void descend_range(float* x, const float* delta, float* w, int64_t n, float 
 
 }  // namespace
 
-// The worker's momentum of SPEC §1 for one param group, reading each gradient where backward left
-// it: d = g + mu*m' (nesterov) or m', m' = mu*m + g, with g = grad*inv_scale (AMP) when given and
-// zeros for a parameter without a gradient (an empty tensor). m' goes to momentum_out (another
-// buffer: the step may not go ahead; the same one to update in place), d to the flat buffer d.
-// Returns whether every gradient element (after the scale) is finite.
-bool gather_momentum(std::vector<at::Tensor> grads, std::vector<int64_t> sizes, at::Tensor d, at::Tensor momentum,
-                     at::Tensor momentum_out, double mu, bool nesterov, c10::optional<double> inv_scale) {
-  check_flat(d, "d");
-  check_flat(momentum, "momentum");
-  check_flat(momentum_out, "momentum_out");
-  TORCH_CHECK_VALUE(grads.size() == sizes.size(), "one gradient per size");
-  std::vector<int64_t> offsets{0};
-  std::vector<const float*> gs;
+Gradients::Gradients(const std::vector<at::Tensor>& grads, const std::vector<int64_t>& sizes,
+                     std::vector<double> mus_, std::vector<bool> nesterovs_)
+    : mus(std::move(mus_)), nesterovs(std::move(nesterovs_)) {
+  TORCH_CHECK_VALUE(grads.size() == sizes.size() && mus.size() == sizes.size() && nesterovs.size() == sizes.size(),
+                    "one gradient, size, mu and nesterov flag per parameter");
   for (size_t k = 0; k < grads.size(); ++k) {
     const at::Tensor& g = grads[k];
     if (g.numel() == 0) {
@@ -119,7 +111,36 @@ bool gather_momentum(std::vector<at::Tensor> grads, std::vector<int64_t> sizes, 
     }
     offsets.push_back(offsets.back() + sizes[k]);
   }
-  const int64_t n = offsets.back();
+}
+
+bool Gradients::momentum(int64_t lo, int64_t hi, float* d, const float* m_in, float* m_out, float s) const {
+  bool bad = false;
+  // the parameter holding element lo (the last of equal offsets: empty parameters are skipped)
+  size_t k = std::upper_bound(offsets.begin(), offsets.end(), lo) - offsets.begin() - 1;
+  for (int64_t at = lo; at < hi; ++k) {
+    const int64_t end = std::min(hi, offsets[k + 1]);
+    if (end > at) {
+      const int64_t off = at - offsets[k], i = at - lo;
+      bad |= gather_momentum_range(gs[k] ? gs[k] + off : nullptr, d + i, m_in + i, m_out + i, end - at, (float)mus[k],
+                                   nesterovs[k], s);
+    }
+    at = std::max(at, end);
+  }
+  return bad;
+}
+
+// The worker's momentum of SPEC §1 for one param group, reading each gradient where backward left
+// it: d = g + mu*m' (nesterov) or m', m' = mu*m + g, with g = grad*inv_scale (AMP) when given and
+// zeros for a parameter without a gradient (an empty tensor). m' goes to momentum_out (another
+// buffer: the step may not go ahead; the same one to update in place), d to the flat buffer d.
+// Returns whether every gradient element (after the scale) is finite.
+bool gather_momentum(std::vector<at::Tensor> grads, std::vector<int64_t> sizes, at::Tensor d, at::Tensor momentum,
+                     at::Tensor momentum_out, double mu, bool nesterov, c10::optional<double> inv_scale) {
+  check_flat(d, "d");
+  check_flat(momentum, "momentum");
+  check_flat(momentum_out, "momentum_out");
+  const Gradients gradients(grads, sizes, std::vector<double>(sizes.size(), mu), std::vector<bool>(sizes.size(), nesterov));
+  const int64_t n = gradients.numel();
   TORCH_CHECK_VALUE(d.numel() == n && momentum.numel() == n && momentum_out.numel() == n,
                     "d and the momentum buffers must have the gradients' total length ", n);
   float* dp = d.data_ptr<float>();
@@ -128,18 +149,7 @@ bool gather_momentum(std::vector<at::Tensor> grads, std::vector<int64_t> sizes, 
   const float s = inv_scale.has_value() ? (float)*inv_scale : 1.0f;
   std::atomic<bool> finite{true};
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
-    size_t k = std::upper_bound(offsets.begin(), offsets.end(), lo) - offsets.begin() - 1;
-    bool bad = false;
-    for (int64_t at = lo; at < hi; ++k) {
-      const int64_t end = std::min(hi, offsets[k + 1]);
-      if (end > at) {
-        const int64_t off = at - offsets[k];
-        bad |= gather_momentum_range(gs[k] ? gs[k] + off : nullptr, dp + at, m_in + at, m_out + at, end - at,
-                                     (float)mu, nesterov, s);
-      }
-      at = std::max(at, end);
-    }
-    if (bad) finite.store(false);
+    if (gradients.momentum(lo, hi, dp + lo, m_in + lo, m_out + lo, s)) finite.store(false);
   });
   return finite.load();
 }

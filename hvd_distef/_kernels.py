@@ -101,6 +101,18 @@ def gather_momentum(grads, sizes, d, momentum, momentum_out, mu, nesterov, inv_s
                                 inv_scale)
 
 
+def worker_blocksign_feedback(grads, sizes, mus, nesterovs, offset, momentum, momentum_out, error, error_out,
+                              block_sizes, segments, prev_scales=None, prev_bits=None, inv_scale=None):
+    """The worker's momentum and error step in one pass (``_torch_kernels.worker_blocksign_feedback``):
+    compiled on the CPU for contiguous gradients; elsewhere the torch path (the optimizer runs the
+    two steps apart there)."""
+    path = _compiled_or_torch(error) if all(g.is_contiguous() for g in grads) else torch_path
+    return path.worker_blocksign_feedback(list(grads), [int(n) for n in sizes], [float(m) for m in mus],
+                                          [bool(v) for v in nesterovs], int(offset), momentum, momentum_out, error,
+                                          error_out, list(block_sizes), list(segments), prev_scales, prev_bits,
+                                          inv_scale)
+
+
 def descend_(params, delta, decay_buffer, lr, mu, weight_decay, nesterov):
     # the compiled and Triton kernels read each parameter in place: they must be contiguous
     path = _pick(delta) if all(p.is_contiguous() for p in params) else torch_path

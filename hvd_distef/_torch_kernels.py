@@ -168,6 +168,40 @@ def gather_momentum(grads: Sequence[torch.Tensor], sizes: Sequence[int], d: torc
     return finite
 
 
+def worker_blocksign_feedback(grads: Sequence[torch.Tensor], sizes: Sequence[int], mus: Sequence[float],
+                              nesterovs: Sequence[bool], offset: int, momentum: torch.Tensor,
+                              momentum_out: torch.Tensor, error: torch.Tensor, error_out: torch.Tensor,
+                              block_sizes: Sequence[int], segments: Segments, prev_scales: Optional[torch.Tensor] = None,
+                              prev_bits: Optional[torch.Tensor] = None,
+                              inv_scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """The worker's side of SPEC §1 on one shard: ``gather_momentum`` (each parameter with its own
+    μ and nesterov) then ``blocksign_feedback``, with e read from ``error`` and p written to
+    ``error_out`` (``error`` and ``momentum`` are left as they were). Element i of the shard is
+    element ``offset`` + i of the gradients end to end; the four buffers are the shard's float32
+    slices. Returns (scales, bits, usable): usable is False where a gradient element (times
+    ``inv_scale``) or a block scale is not finite, and the payload is then meaningless. The
+    compiled kernel does it in one pass over memory, d never written out."""
+    n = error.numel()
+    d = torch.empty(n, dtype=torch.float32, device=error.device)
+    finite, start = True, 0
+    for g, size, mu, nesterov in zip(grads, sizes, mus, nesterovs):
+        lo, hi = max(start, offset), min(start + size, offset + n)
+        if lo < hi:
+            part = g.reshape(-1)[lo - start:hi - start] if g.numel() else g
+            a, b = lo - offset, hi - offset
+            finite &= gather_momentum([part], [b - a], d[a:b], momentum[a:b], momentum_out[a:b], mu, nesterov,
+                                      inv_scale)
+        start += size
+    if not finite:
+        return error.new_zeros(len(block_sizes)), error.new_zeros((n + 7) // 8, dtype=torch.uint8), False
+    error_out.copy_(error)
+    try:
+        scales, bits = blocksign_feedback(d, error_out, block_sizes, segments, prev_scales, prev_bits)
+    except ValueError:  # a non-finite block scale
+        return error.new_zeros(len(block_sizes)), error.new_zeros((n + 7) // 8, dtype=torch.uint8), False
+    return scales, bits, True
+
+
 def _views(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return [part.view_as(p) for part, p in zip(flat.split([p.numel() for p in params]), params)]
 

@@ -99,6 +99,31 @@ class ErrorMemory:
                     window(segments, s.start, s.stop), self._take_unsettled((s.start, s.stop))))
                 for s in shards]
 
+    def step_ahead(self, shards: Sequence[Shard], spare: torch.Tensor, compress) -> Optional[List[Payload]]:
+        """The step written into ``spare`` (a buffer of the memory's length) while the memory stays as
+        it was, so that it can still be dropped: per shard, ``compress(shard, e, e_out, unsettled)``
+        returns Δ with its deferred subtraction ``unsettled`` settled, leaving p in ``e_out`` (a
+        ``Compressor.defers_settle`` step). Returns the payloads, or None as soon as one is None.
+        ``commit`` takes the step."""
+        payloads = []
+        for s in shards:
+            payload = compress(s, self._buffer[s.start:s.stop], spare[s.start:s.stop],
+                               self._unsettled.get((s.start, s.stop), (None, None))[1])
+            if payload is None:
+                return None
+            payloads.append(payload)
+        return payloads
+
+    def commit(self, compressor: Compressor, shards: Sequence[Shard], spare: torch.Tensor,
+               payloads: Sequence[Payload]) -> torch.Tensor:
+        """``spare``, written by ``step_ahead`` over all of ``shards`` with these payloads, becomes the
+        memory; returns the former buffer, free for other use."""
+        if sum(s.numel for s in shards) != self._buffer.numel() or spare.shape != self._buffer.shape:
+            raise ValueError("a step taken ahead must cover the whole memory")
+        old, self._buffer = self._buffer, spare
+        self._unsettled = {(s.start, s.stop): (compressor, p) for s, p in zip(shards, payloads)}
+        return old
+
     def mean_step(self, compressor: Compressor, payloads: Sequence[Payload], segments: Segments,
                   block_sizes: Sequence[int]) -> Payload:
         """The server's step: p = (1/M)·Σ_i Δ_i + (η_{t-1}/η_t)·e;  Δ = C(p);  e <- p − Δ (whole memory)."""

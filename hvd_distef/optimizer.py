@@ -3,7 +3,10 @@ surface (SPEC §5a).
 
 A step reads the gradients into one fused buffer, agrees with the other ranks on what to do
 (``agreement``), runs the worker side (momentum, error feedback, compression), the topology's
-exchange and server step, bucket by bucket (``buckets``), and the update. ``synchronize()`` is
+exchange and server step, bucket by bucket (``buckets``), and the update. With blocksign on the
+CPU the worker side runs before the agreement instead, in the same pass that reads the gradients
+(``_worker_step_ahead``), into spare buffers that the step takes if it goes ahead as computed
+(no parameter idle on every rank); otherwise it is redone after the agreement. ``synchronize()`` is
 the first half (up to Δ̃, or the averaged gradient under ``allreduce``), ``step()`` the second;
 what a step must leave alone is kept aside by ``untouched``.
 
@@ -235,6 +238,12 @@ class DistributedOptimizer(torch.optim.SGD):
                                      and self.device.type == "cpu" and _kernels.compiled is not None
                                      and all(b.topology.delivers_payloads for b in self.buckets))
         self._received: List[Optional[List[Payload]]] = [None] * len(self.buckets)
+        # the worker's momentum and error step in one pass from the gradients before the ranks agree
+        # (``_worker_step_ahead``), into ``self._grad`` as the worker error's spare buffer: blocksign
+        # with the compiled kernels, no raw shard, and no overlap (its buckets have their own rollback)
+        self._worker_shards = [s for b in self.buckets for s in b.worker_shards]
+        self._steps_ahead = (self._update_decompresses and not self.overlap
+                             and not any(self.compressor.is_raw(s.numel, s.block_sizes) for s in self._worker_shards))
         this = weakref.ref(self)  # hooks must not keep a discarded optimizer (and its buffers) alive
         self._pipeline: Optional[buckets.BucketPipeline] = None
         self._speculated = False
@@ -411,11 +420,15 @@ class DistributedOptimizer(torch.optim.SGD):
     def _agree_and_exchange(self, expose: bool, speculated: bool) -> _Exchanged:
         nothing = _Exchanged(None, [], False, skipped=True)
         failure, has_grad, nonfinite, stale = None, self._layout.has_grad(), [], False
+        ahead = False  # this step's worker payloads when taken before the agreement (None: they could not be)
         try:
             self._check_step()
             if speculated:
                 spec = self._speculation
                 failure, nonfinite, stale = spec.failure, spec.nonfinite, self._stale(spec)
+            elif self._steps_ahead and all(g["lr"] != 0 for g in self.param_groups):
+                ahead = self._worker_step_ahead(getattr(self, "grad_scale", None))
+                nonfinite = [] if ahead is not None else self._layout.nonfinite_grads(0, len(self._layout.params))
             else:
                 nonfinite = self._prepare(0, len(self._layout.params), getattr(self, "grad_scale", None))
         except (ValueError, RuntimeError) as exc:  # told to every rank below, instead of a hang
@@ -445,9 +458,15 @@ class DistributedOptimizer(torch.optim.SGD):
         if not any(decision.has_grad):  # torch's SGD: a step with no gradients changes nothing
             return nothing
         untouched = []
-        if not kept:
-            if speculated:  # the buckets' own reading of the gradients was used up: read them again
-                self._redone_steps += 1
+        if ahead and not idle:
+            self._grad = self._worker_memory.commit(self._worker_compressor, self._worker_shards, self._grad, ahead)
+            segments, first = self._segments([]), 0
+            for k, bucket in enumerate(self.buckets):
+                self._exchange_payloads(k, ahead[first:first + len(bucket.worker_shards)], segments)
+                first += len(bucket.worker_shards)
+        elif not kept:
+            if speculated or ahead is not False:  # the gradients were read without writing d: read them again
+                self._redone_steps += 1 if speculated else 0
                 self._prepare(0, len(self._layout.params), getattr(self, "grad_scale", None))
             untouched = self._untouched(idle, idle_params) if self._rule != "sgd" else []
             segments = self._segments(idle)
@@ -511,9 +530,7 @@ class DistributedOptimizer(torch.optim.SGD):
         the momentum of SPEC §1 (m' = μ·m + g into the momentum's next buffer, d = g + μ·m' or m' in
         ``self._grad``). Changes no state. Returns the names of this rank's parameters among them
         with non-finite gradients."""
-        layout = self._layout
-        # torch's unscale: multiply by the float32 reciprocal computed in double
-        inv = None if scale is None else float(scale.double().reciprocal().float())
+        layout, inv = self._layout, self._inverse_scale(scale)
         if self._rule != "ef":
             grad = layout.gather(self._grad, first, stop)
             if inv is not None:
@@ -528,6 +545,34 @@ class DistributedOptimizer(torch.optim.SGD):
                                                    m.current[a:b], m.next[a:b], group["momentum"], group["nesterov"],
                                                    inv)
         return [] if finite else layout.nonfinite_grads(first, stop)
+
+    @staticmethod
+    def _inverse_scale(scale: Optional[torch.Tensor]) -> Optional[float]:
+        """torch's unscale: multiply by the float32 reciprocal of AMP's loss scale, computed in double."""
+        return None if scale is None else float(scale.double().reciprocal().float())
+
+    def _worker_step_ahead(self, scale: Optional[torch.Tensor]) -> Optional[List[Payload]]:
+        """``_prepare`` and the worker's error step of every shard in one pass over memory, before the
+        ranks agree on the step (SPEC §1 as if no parameter were idle): the gradients are read where
+        backward left them, the next momentum and p go to the momentum's next buffer and to
+        ``self._grad`` (the worker error's spare), and d is never written out. Changes no state:
+        ``ErrorMemory.commit`` takes the step if it goes ahead as computed. Returns the payloads of
+        ``self._worker_shards``, or None where a gradient or block scale is not finite."""
+        layout, m, inv = self._layout, self._momentum, self._inverse_scale(scale)
+        grads = layout.grads(0, len(layout.params))
+        mus, nesterovs = [], []
+        for (lo, hi), group in zip(layout.group_param_bounds, self.param_groups):
+            mus += [group["momentum"]] * (hi - lo)
+            nesterovs += [group["nesterov"]] * (hi - lo)
+        segments, compressor = self._segments([]), self._worker_compressor
+
+        def compress(shard: Shard, error: torch.Tensor, error_out: torch.Tensor, unsettled: Optional[Payload]):
+            a, b = shard.start, shard.stop
+            return compressor.momentum_with_feedback(grads, layout.sizes, mus, nesterovs, a, m.current[a:b],
+                                                     m.next[a:b], error, error_out, shard.block_sizes,
+                                                     window(segments, a, b), unsettled, inv)
+        with self._timed("compress"):
+            return self._worker_memory.step_ahead(self._worker_shards, self._grad, compress)
 
     def _segments(self, idle: List[Range]) -> Segments:
         return lr_ratio_segments(self._layout.group_bounds, [g["prev_lr"] for g in self.param_groups],
@@ -600,6 +645,13 @@ class DistributedOptimizer(torch.optim.SGD):
                 self._grad[max(lo, a):min(hi, b)].zero_()
         with self._timed("compress"):
             payloads = self._worker_memory.step(self._worker_compressor, self._grad, segments, bucket.worker_shards)
+        self._exchange_payloads(k, payloads, segments)
+
+    def _exchange_payloads(self, k: int, payloads: List[Payload], segments: Segments) -> None:
+        """Bucket k's exchange of this rank's worker payloads (ef): Δ̃ into its slice of ``self._delta``,
+        or kept compressed in ``self._received[k]`` for the update to decompress."""
+        bucket = self.buckets[k]
+        a, b = bucket.start, bucket.stop
         with self._timed("exchange"):
             if self._update_decompresses:
                 self._received[k] = bucket.topology.exchange_compressed(payloads, window(segments, a, b))
@@ -717,8 +769,9 @@ class DistributedOptimizer(torch.optim.SGD):
     def comm_stats(self) -> dict:
         """Cumulative bytes this rank put on and took off the wire, the number of steps (and of skipped
         ones, and with ``overlap=True`` of those whose buckets ``step()`` exchanged again because
-        something changed after backward), and seconds spent compressing on the worker and in the
-        exchange (communication and the server step)."""
+        something changed after backward), and seconds spent compressing on the worker (with the
+        worker's step taken ahead, the pass that also reads the gradients and steps the momentum)
+        and in the exchange (communication and the server step)."""
         return {"bytes_sent": self.comm.bytes_sent, "bytes_received": self.comm.bytes_received,
                 "steps": self._steps, "skipped_steps": self._skipped_steps, "redone_steps": self._redone_steps,
                 "compress_time_s": self._seconds["compress"], "exchange_time_s": self._seconds["exchange"]}

@@ -1,6 +1,6 @@
 """benchmarks/netem/bench_train.py under a plain mpirun: every method trains from the same weights on
-the same batches, the records carry the bytes of SPEC §3 (Horovod's computed, ours measured), and the
-training time is the sum of the timed steps."""
+the same batches and the same lr schedule as the CLI, the records carry the bytes of SPEC §3 (Horovod's
+computed, ours measured), and the training time is the sum of the timed steps."""
 import json
 import math
 
@@ -17,7 +17,7 @@ def test_bench_train_records(tmp_path):
     out = tmp_path / "records.jsonl"
     run_mpi(2, [ROOT / "benchmarks" / "netem" / "bench_train.py", "--methods", json.dumps(METHODS), "--epochs", "1",
                 "--evals-per-epoch", "2", "--out", out, "--", "--data", "digits", "--subset", "256",
-                "--batch-size", "16"])
+                "--batch-size", "16", "--warmup-epochs", "1"])
     records = {r["label"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert list(records) == list(METHODS)
     d = records["ps"]["params"]
@@ -32,3 +32,5 @@ def test_bench_train_records(tmp_path):
         assert [p["step"] for p in r["curve"]] == [4, 8] and len(r["step_times_s"]) == r["steps"] == 8
         assert r["train_time_s"] == pytest.approx(sum(r["step_times_s"]))
         assert r["curve"][-1]["train_time_s"] == r["train_time_s"]
+        # the CLI's warm-up from lr/M, stepped per iteration: half of it after 4 of 8 steps
+        assert [p["lr"] for p in r["curve"]] == pytest.approx([0.1 * (1 / 2 + 1 / 2 * 4 / 8), 0.1])

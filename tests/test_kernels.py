@@ -321,3 +321,59 @@ def test_multi_rank_run_agrees_with_torch_path(tmp_path):
         finals[force] = torch.load(out)
     assert finals["0"]["compiled"] and not finals["1"]["compiled"]
     torch.testing.assert_close(finals["0"]["params"], finals["1"]["params"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sizes", sorted(UPDATE_SIZES))
+@pytest.mark.parametrize("scale,settle", [(None, True), (1 / 1024, False), (None, False)])
+def test_worker_step_in_one_pass_is_momentum_then_feedback(sizes, scale, settle):
+    """The worker's momentum and error step in one pass, on a shard cut inside parameters (blocks
+    across them, two param groups, a missing gradient, a segment at ratio 0, the previous payload
+    settled): exactly gather_momentum then blocksign_feedback of the same path, written to the out
+    buffers only."""
+    shapes = UPDATE_SIZES[sizes]
+    total = sum(shapes)
+    grads = [rand(k, 20 + i) for i, k in enumerate(shapes)]
+    if len(grads) > 1:
+        grads[1] = torch.empty(0)
+    half = len(shapes) // 2
+    mus = [0.9] * half + [0.5 if len(shapes) > 2 else 0.0] * (len(shapes) - half)
+    nesterovs = [True] * half + [False] * (len(shapes) - half)
+    offset = min(3, total - 1)
+    n = total - offset - (2 if total > 8 else 0)
+    blocks = split(n, min(n, 7), 8)
+    segments = [(0, n // 2, 0.7), (n // 2, n - n // 3, 0.0), (n - n // 3, n, 1.25)]
+    m, e = rand(n, 30), rand(n, 31)
+    prev = ref.blocksign_compress(rand(n, 32), blocks) if settle else (None, None)
+    for path in (cpp, ref):
+        d, m_step, e_step = torch.empty(total), torch.empty(total), torch.zeros(total)
+        start = 0
+        for k, size in enumerate(shapes):  # the two steps apart, parameter by parameter
+            path.gather_momentum([grads[k]], [size], d[start:start + size], torch.cat([torch.zeros(offset), m,
+                                 torch.zeros(total - offset - n)])[start:start + size], m_step[start:start + size],
+                                 mus[k], nesterovs[k], scale)
+            start += size
+        e_step = e.clone()
+        want = path.blocksign_feedback(d[offset:offset + n].clone(), e_step, blocks, segments, *prev)
+        m_in, e_in = m.clone(), e.clone()
+        m_out, e_out = torch.full((n,), 7.0), torch.full((n,), 7.0)
+        scales, bits, usable = path.worker_blocksign_feedback(grads, shapes, mus, nesterovs, offset, m_in, m_out, e_in,
+                                                             e_out, blocks, segments, *prev, inv_scale=scale)
+        assert usable
+        assert torch.equal(scales, want[0]) and torch.equal(bits, want[1])
+        assert torch.equal(m_out, m_step[offset:offset + n]) and torch.equal(e_out, e_step)
+        assert torch.equal(m_in, m) and torch.equal(e_in, e)  # the step can still be dropped
+
+
+@pytest.mark.parametrize("path", ["cpp", "torch"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_worker_step_in_one_pass_reports_what_is_not_finite(path, bad):
+    """A non-finite gradient, or finite ones whose p overflows a block scale: not usable, nothing raised."""
+    kernels = cpp if path == "cpp" else ref
+    grads = [rand(100, 1), rand(50_000, 2)]
+    grads[1][33_333] = bad
+    args = ([100, 50_000], [0.9, 0.9], [True, True], 0, torch.zeros(50_100), torch.empty(50_100),
+            torch.zeros(50_100), torch.empty(50_100), [100, 50_000], [(0, 50_100, 1.0)])
+    assert not kernels.worker_blocksign_feedback(grads, *args)[2]
+    huge = [torch.full((100,), 3e38), torch.full((50_000,), 3e38)]
+    assert not kernels.worker_blocksign_feedback(huge, *args)[2]  # d = g + μ·m' overflows to inf
+    assert kernels.worker_blocksign_feedback([rand(100, 1), rand(50_000, 2)], *args)[2]

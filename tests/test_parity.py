@@ -11,7 +11,8 @@ CASES = ["frozen_and_gradless_parameters_untouched_every_way", "frozen_parameter
          "fp16_on_the_wire_stays_finite", "ranks_that_disagree_raise_on_every_rank",
          "rejected_checkpoint_changes_nothing", "an_error_leaves_the_next_step_intact",
          "comm_subset_restricts_allreduce", "gradient_clipping_recipe",
-         "update_decompressing_payloads_equals_decompressed_update", "synchronize_then_step_warns_once",
+         "update_decompressing_payloads_equals_decompressed_update", "worker_step_ahead_equals_the_two_passes",
+         "synchronize_then_step_warns_once",
          "horovod_arguments_accepted_or_refused", "predivide_and_sum_under_allreduce_equal_stock_horovod",
          "sparse_gradients_are_densified", "step_hooks_run_once_per_step",
          "many_optimizers_share_one_communicator_and_watchdog", "user_compressor_with_arbitrary_attributes"]

@@ -8,7 +8,8 @@ of the model from the same initial weights on the same batches; the methods take
 interval each, so the noise of the shared cores falls on all of them alike.
 
 A step is ``zero_grad``, forward, backward and ``step`` after a barrier; its time is the slowest
-rank's. The training time of a method is the sum of its step times (evaluation is not counted).
+rank's. The lr follows the CLI's schedule (``--lr-decay-epochs``, ``--warmup-epochs``), stepped per
+iteration as the CLI does. The training time of a method is the sum of its step times (evaluation is not counted).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from mpi4py import MPI
 
 from hvd_distef.train.cli import parse
 from hvd_distef.train.data import load
-from hvd_distef.train.loop import Traffic, build_optimizer, evaluate
+from hvd_distef.train.loop import Traffic, build_optimizer, evaluate, lr_scheduler
 from hvd_distef.train.models import build
 
 
@@ -35,6 +36,7 @@ class Contender:
         torch.manual_seed(self.args.seed)
         self.model = build(self.args.model, data.in_shape, data.num_classes)
         self.opt = build_optimizer(hvd, self.args, self.model)
+        self.schedule = lr_scheduler(self.opt, self.args, data.steps_per_epoch(ranks, self.args.batch_size), ranks)
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
         self.traffic = Traffic(self.opt, self.args, self.model, ranks)
         self.traffic.start_epoch()
@@ -51,6 +53,7 @@ class Contender:
         torch.nn.functional.cross_entropy(self.model(x), y).backward()
         self.opt.step()
         elapsed = world.allreduce(time.perf_counter() - start, op=MPI.MAX)
+        self.schedule.step()  # the CLI's lr schedule (--lr-decay-epochs, --warmup-epochs), outside the timing
         self.step_times.append(elapsed)
         self.train_time += elapsed
 
@@ -80,7 +83,8 @@ def main():
         for c, stream in zip(contenders, streams):
             for _ in range(chunk):
                 c.step(world, *next(stream))
-            c.curve.append((done + chunk, c.train_time, evaluate(hvd, c.model, data, rank, ranks)))
+            c.curve.append((done + chunk, c.train_time, evaluate(hvd, c.model, data, rank, ranks),
+                            c.opt.param_groups[0]["lr"]))
         done += chunk
     for c in contenders:
         exchange = c.traffic.end_epoch(len(c.step_times))
@@ -92,7 +96,7 @@ def main():
                       "ranks": ranks, "rate": args.rate, "batch_size": c.args.batch_size, "steps": steps,
                       "step_time_median_s": statistics.median(c.step_times), "step_times_s": c.step_times,
                       "train_time_s": c.train_time, "final_accuracy": c.curve[-1][2],
-                      "curve": [{"step": s, "train_time_s": t, "test_accuracy": a} for s, t, a in c.curve],
+                      "curve": [{"step": s, "train_time_s": t, "test_accuracy": a, "lr": lr} for s, t, a, lr in c.curve],
                       "bytes_sent_per_step": exchange["bytes_sent_per_step"],
                       "max_bytes_sent_per_step": max(sent_by_rank),
                       "bytes_received_per_step": exchange["bytes_received_per_step"],

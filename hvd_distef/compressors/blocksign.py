@@ -107,6 +107,21 @@ class BlockSign(Compressor):
         scales, bits = _kernels.blocksign_feedback(d, error, block_sizes, segments, *self._fields(unsettled))
         return self._payload(d.numel(), block_sizes, scales, bits)
 
+    def momentum_with_feedback(self, grads, sizes, mus, nesterovs, offset, momentum, momentum_out, error, error_out,
+                               block_sizes, segments, unsettled=None, inv_scale=None) -> Optional[Payload]:
+        """``compress_with_feedback`` of the worker's d, computed in the same pass from the gradients
+        where backward left them (``_kernels.worker_blocksign_feedback``: the momentum of SPEC §1 into
+        ``momentum_out``, p into ``error_out``; ``momentum`` and ``error`` stay as they were). A shard
+        of the fused buffer from ``offset`` on, ``grads`` (float32, ``sizes`` elements, empty where
+        None) covering it. None where a gradient or block scale is not finite. Not for raw shards
+        (``is_raw``)."""
+        if error.numel() == 0:
+            return self._empty(error)
+        scales, bits, usable = _kernels.worker_blocksign_feedback(
+            grads, sizes, mus, nesterovs, offset, momentum, momentum_out, error, error_out, block_sizes, segments,
+            *self._fields(unsettled), inv_scale=inv_scale)
+        return self._payload(error.numel(), block_sizes, scales, bits) if usable else None
+
     def mean_with_feedback(self, payloads, error, block_sizes, segments, unsettled=None) -> Payload:
         if error.numel() == 0:
             return self._empty(error)

@@ -38,6 +38,13 @@ class LrSchedule:
         return f
 
 
+def lr_scheduler(opt: torch.optim.Optimizer, args, steps_per_epoch: int, ranks: int):
+    """The CLI's lr schedule on ``opt`` (``--warmup-epochs``, ``--lr-decay-epochs``,
+    ``--lr-decay-factor``): a ``LambdaLR`` of ``LrSchedule``, stepped once per iteration."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, LrSchedule(steps_per_epoch, args.warmup_epochs, args.lr_decay_epochs, args.lr_decay_factor, ranks))
+
+
 def evaluate(hvd, model: torch.nn.Module, data: Dataset, rank: int, ranks: int) -> float:
     """Test accuracy over the whole test set, each rank scoring its own shard."""
     model.eval()
@@ -140,8 +147,7 @@ def train(args: argparse.Namespace) -> Tuple[float, float]:
     model = build(args.model, data.in_shape, data.num_classes)
     opt = build_optimizer(hvd, args, model)
     traffic = Traffic(opt, args, model, ranks)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, LrSchedule(steps, args.warmup_epochs, args.lr_decay_epochs, args.lr_decay_factor, ranks))
+    sched = lr_scheduler(opt, args, steps, ranks)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
     start_epoch, wall, best = 0, 0.0, 0.0

@@ -648,6 +648,46 @@ def update_decompressing_payloads_equals_decompressed_update():
     return f"compiled kernels: {_kernels.compiled is not None}"
 
 
+def worker_step_ahead_equals_the_two_passes():
+    """The worker's momentum and error step taken in one pass before the ranks agree (the default on
+    the CPU with the compiled kernels) against the two passes after the agreement: bit for bit on
+    every error-feedback topology and two param groups, through a step with a parameter no rank
+    has a gradient for (redone in two passes), one that only rank 0 has, a NaN on the last rank
+    (skipped), and an lr change (the error rescale) in a step after synchronize()."""
+    for topology in ("ps", "sharded", "ring", "tree"):
+        for compression in (hvd_distef.Compression.blocksign(block_size=5), hvd_distef.Compression.blocksign()):
+            finals = []
+            for ahead in (True, False):
+                model = Frozen()
+                groups = [{"params": [model.head.weight, model.sometimes.weight], "lr": 0.1},
+                          {"params": [model.head.bias, model.sometimes.bias, model.rank0_only.weight,
+                                      model.rank0_only.bias], "lr": 0.05, "momentum": 0.5, "nesterov": False}]
+                opt = wrap(model, torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+                           compression=compression, topology=topology, nonfinite="skip")
+                assert opt._steps_ahead == (_kernels.compiled is not None)
+                opt._steps_ahead = opt._steps_ahead and ahead
+                for t in range(7):
+                    opt.zero_grad()
+                    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(7 * t + RANK))
+                    torch.nn.functional.cross_entropy(model(x, t), torch.arange(16) % 3).backward()
+                    if t == 2 and RANK == M - 1:
+                        model.head.weight.grad[0, 0] = float("nan")
+                    if t == 4:
+                        opt.param_groups[0]["lr"] = 0.03
+                    if t == 4:
+                        opt.synchronize()
+                    with opt.skip_synchronize() if t == 4 else contextlib.nullcontext():
+                        opt.step()
+                assert opt.comm_stats()["skipped_steps"] == 1
+                finals.append((flat(model.parameters()), _state(opt)))
+            (x_ahead, state_ahead), (x_apart, state_apart) = finals
+            name = f"{topology}+blocksign({compression.block_size})"
+            assert torch.equal(x_ahead, x_apart), f"{name}: the step taken ahead moved the parameters otherwise"
+            for key in state_apart:
+                assert torch.equal(state_ahead[key], state_apart[key]), f"{name}: {key} differs"
+    return f"compiled kernels: {_kernels.compiled is not None}"
+
+
 def synchronize_then_step_warns_once():
     for topology, compression in (("allreduce", "none"), ("ps", "blocksign")):
         model = make_model()
@@ -786,7 +826,8 @@ CASES = {f.__name__: f for f in [
     grad_scaler_skips_on_every_rank, horovod_amp_recipe_skips_alike, stock_checkpoint_resumes_under_allreduce,
     fp16_on_the_wire_stays_finite, ranks_that_disagree_raise_on_every_rank,
     rejected_checkpoint_changes_nothing, an_error_leaves_the_next_step_intact, comm_subset_restricts_allreduce, gradient_clipping_recipe,
-    update_decompressing_payloads_equals_decompressed_update, synchronize_then_step_warns_once,
+    update_decompressing_payloads_equals_decompressed_update, worker_step_ahead_equals_the_two_passes,
+    synchronize_then_step_warns_once,
     horovod_arguments_accepted_or_refused, predivide_and_sum_under_allreduce_equal_stock_horovod,
     sparse_gradients_are_densified, step_hooks_run_once_per_step,
     many_optimizers_share_one_communicator_and_watchdog, user_compressor_with_arbitrary_attributes]}
