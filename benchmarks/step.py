@@ -6,7 +6,10 @@ gradients already computed. The three run in turn within each repeat, in one pro
 noise of a shared machine falls on all alike; the ratios of the medians are the result, and the
 stock step's own spread is printed (it is bimodal on these machines). Ours is also given without
 its server step (the exchange seconds of ``comm_stats``): the step of a rank that is not the
-server under ``ps`` (under ``sharded`` each rank runs 1/M of the server step). The CPU model is printed
+server under ``ps`` (under ``sharded`` each rank runs 1/M of the server step). With the compiled
+kernels the worker's side is also timed alone, in turn: its one pass from the gradients
+(``worker_blocksign_feedback``, what the step runs) against the two passes it replaced
+(``gather_momentum``, then ``blocksign_feedback`` on the d written out). The CPU model is printed
 and written with every result: the figures of one machine do not hold on another.
 
     .venv/bin/python benchmarks/step.py [--threads N] [--repeats R]
@@ -29,6 +32,26 @@ SIZES = [2359296] * 6 + [2097152, 2048000, 1048576] * 2 + [589824, 524288, 26214
 
 def spread(times):
     return {"min_s": min(times), "median_s": statistics.median(times), "max_s": max(times)}
+
+
+def worker_passes(grads, repeats: int) -> dict:
+    """Medians (s) of the worker's side on these gradients: one pass against two, in turn."""
+    cpp, n = _kernels.compiled, sum(SIZES)
+    m, m_next, e, e_next, d = (torch.randn(n) * 0.01 for _ in range(5))
+    segments = [(0, n, 1.0)]
+    prev = cpp.blocksign_compress(torch.randn(n), SIZES)  # the previous step's payload, settled by each
+    fns = {"one_pass": lambda: cpp.worker_blocksign_feedback(grads, SIZES, [0.9] * len(SIZES), [True] * len(SIZES),
+                                                             0, m, m_next, e, e_next, SIZES, segments, *prev),
+           "two_passes": lambda: (cpp.gather_momentum(grads, SIZES, d, m, m_next, 0.9, True, None),
+                                  cpp.blocksign_feedback(d, e, SIZES, segments, *prev))}
+    times = {name: [] for name in fns}
+    for repeat in range(repeats + 2):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if repeat >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
@@ -75,6 +98,12 @@ def main():
           f"(a rank that is not the server)")
     print(f"GRACE-style EF-sign, worker    {1000 * med['grace_worker']:8.1f} ms  ours is "
           f"{result['ratio_to_grace_worker']:.2f}x of it")
+    if result["compiled_kernels"]:
+        worker = worker_passes([p.grad for p in params], args.repeats)
+        result.update(worker_one_pass_s=worker["one_pass"], worker_two_passes_s=worker["two_passes"])
+        print(f"worker side, one pass          {1000 * worker['one_pass']:8.1f} ms  "
+              f"{worker['one_pass'] / worker['two_passes']:.2f}x its two passes "
+              f"({1000 * worker['two_passes']:.1f} ms)")
     path = write_json(f"step_threads{args.threads}{'' if result['compiled_kernels'] else '_torch'}.json", result)
     print(f"wrote {path}")
 

@@ -4,34 +4,38 @@
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // Every kernel runs without the GIL (its arguments are converted before, its result after): the
+  // bucket pipeline's thread compresses while backward runs Python hooks, and data loader threads
+  // run on (SPEC §4).
+  const auto release = py::call_guard<py::gil_scoped_release>();
   m.doc() = "hvd_distef's fused CPU kernels; see hvd_distef/_torch_kernels.py for the reference of each";
-  m.def("blocksign_feedback", &blocksign_feedback, "EF step: p = d + r (e - C_prev); C(p); p left in e",
+  m.def("blocksign_feedback", &blocksign_feedback, release, "EF step: p = d + r (e - C_prev); C(p); p left in e",
         py::arg("d"), py::arg("error"), py::arg("block_sizes"), py::arg("segments"),
         py::arg("prev_scales") = py::none(), py::arg("prev_bits") = py::none());
-  m.def("worker_blocksign_feedback", &worker_blocksign_feedback,
+  m.def("worker_blocksign_feedback", &worker_blocksign_feedback, release,
         "the worker's momentum and EF step in one pass, p written to error_out; (scales, bits, usable)",
         py::arg("grads"), py::arg("sizes"), py::arg("mus"), py::arg("nesterovs"), py::arg("offset"),
         py::arg("momentum"), py::arg("momentum_out"), py::arg("error"), py::arg("error_out"), py::arg("block_sizes"),
         py::arg("segments"), py::arg("prev_scales") = py::none(), py::arg("prev_bits") = py::none(),
         py::arg("inv_scale") = py::none());
-  m.def("blocksign_compress", &blocksign_compress, "scales and packed signs of x");
-  m.def("blocksign_decompress", &blocksign_decompress, "scale_b * sign", py::arg("scales"), py::arg("bits"),
+  m.def("blocksign_compress", &blocksign_compress, release, "scales and packed signs of x");
+  m.def("blocksign_decompress", &blocksign_decompress, release, "scale_b * sign", py::arg("scales"), py::arg("bits"),
         py::arg("block_sizes"), py::arg("numel"), py::arg("out") = py::none());
-  m.def("blocksign_decompress_mean", &blocksign_decompress_mean, "mean of M decompressed payloads",
+  m.def("blocksign_decompress_mean", &blocksign_decompress_mean, release, "mean of M decompressed payloads",
         py::arg("scales"), py::arg("bits"), py::arg("block_sizes"), py::arg("numel"), py::arg("out") = py::none());
-  m.def("blocksign_server_feedback", &blocksign_server_feedback, "server step: mean + r (e - C_prev), C, p left in e",
+  m.def("blocksign_server_feedback", &blocksign_server_feedback, release, "server step: mean + r (e - C_prev), C, p left in e",
         py::arg("scales"), py::arg("bits"), py::arg("error"), py::arg("block_sizes"), py::arg("segments"),
         py::arg("prev_scales") = py::none(), py::arg("prev_bits") = py::none());
-  m.def("pack_signs", &pack_signs, "packed signs of x (bit set where x >= 0)");
-  m.def("majority_vote", &majority_vote, "M packed sign rows -> (positive, non-zero) bit masks of their vote");
-  m.def("unpack_vote", &unpack_vote, "the vote as float32 -1, 0, +1", py::arg("vote"), py::arg("numel"),
+  m.def("pack_signs", &pack_signs, release, "packed signs of x (bit set where x >= 0)");
+  m.def("majority_vote", &majority_vote, release, "M packed sign rows -> (positive, non-zero) bit masks of their vote");
+  m.def("unpack_vote", &unpack_vote, release, "the vote as float32 -1, 0, +1", py::arg("vote"), py::arg("numel"),
         py::arg("out") = py::none());
-  m.def("gather_momentum", &gather_momentum,
+  m.def("gather_momentum", &gather_momentum, release,
         "m' = mu m + g; d = g + mu m' (nesterov) or m', g read from each gradient; returns all-finite");
-  m.def("descend_", &descend_, "w = mu w + wd x; x -= lr (delta + (nesterov ? mu w + wd x : w))",
+  m.def("descend_", &descend_, release, "w = mu w + wd x; x -= lr (delta + (nesterov ? mu w + wd x : w))",
         py::arg("params"), py::arg("delta"), py::arg("decay_buffer"), py::arg("lr"), py::arg("mu"),
         py::arg("weight_decay"), py::arg("nesterov"));
-  m.def("descend_blocksign_", &descend_blocksign_, "descend_ with delta given as blocksign payloads",
+  m.def("descend_blocksign_", &descend_blocksign_, release, "descend_ with delta given as blocksign payloads",
         py::arg("params"), py::arg("starts"), py::arg("scales"), py::arg("bits"), py::arg("block_sizes"),
         py::arg("decay_buffer"), py::arg("lr"), py::arg("mu"), py::arg("weight_decay"), py::arg("nesterov"));
 }

@@ -420,13 +420,14 @@ class DistributedOptimizer(torch.optim.SGD):
     def _agree_and_exchange(self, expose: bool, speculated: bool) -> _Exchanged:
         nothing = _Exchanged(None, [], False, skipped=True)
         failure, has_grad, nonfinite, stale = None, self._layout.has_grad(), [], False
-        ahead = False  # this step's worker payloads when taken before the agreement (None: they could not be)
+        ahead, tried_ahead = None, False  # the worker payloads of the step taken ahead (``_worker_step_ahead``)
         try:
             self._check_step()
             if speculated:
                 spec = self._speculation
                 failure, nonfinite, stale = spec.failure, spec.nonfinite, self._stale(spec)
             elif self._steps_ahead and all(g["lr"] != 0 for g in self.param_groups):
+                tried_ahead = True
                 ahead = self._worker_step_ahead(getattr(self, "grad_scale", None))
                 nonfinite = [] if ahead is not None else self._layout.nonfinite_grads(0, len(self._layout.params))
             else:
@@ -458,15 +459,16 @@ class DistributedOptimizer(torch.optim.SGD):
         if not any(decision.has_grad):  # torch's SGD: a step with no gradients changes nothing
             return nothing
         untouched = []
-        if ahead and not idle:
+        if ahead is not None and not idle:
             self._grad = self._worker_memory.commit(self._worker_compressor, self._worker_shards, self._grad, ahead)
             segments, first = self._segments([]), 0
             for k, bucket in enumerate(self.buckets):
                 self._exchange_payloads(k, ahead[first:first + len(bucket.worker_shards)], segments)
                 first += len(bucket.worker_shards)
         elif not kept:
-            if speculated or ahead is not False:  # the gradients were read without writing d: read them again
-                self._redone_steps += 1 if speculated else 0
+            if speculated:
+                self._redone_steps += 1
+            if speculated or tried_ahead:  # the gradients were read without writing d: read them again
                 self._prepare(0, len(self._layout.params), getattr(self, "grad_scale", None))
             untouched = self._untouched(idle, idle_params) if self._rule != "sgd" else []
             segments = self._segments(idle)

@@ -377,3 +377,27 @@ def test_worker_step_in_one_pass_reports_what_is_not_finite(path, bad):
     huge = [torch.full((100,), 3e38), torch.full((50_000,), 3e38)]
     assert not kernels.worker_blocksign_feedback(huge, *args)[2]  # d = g + μ·m' overflows to inf
     assert kernels.worker_blocksign_feedback([rand(100, 1), rand(50_000, 2)], *args)[2]
+
+
+def test_kernels_release_the_gil():
+    """A kernel running on one thread (the bucket pipeline's, say) lets Python run on another (backward's
+    hooks): the main thread wakes from a short sleep and runs while one long kernel call is still on."""
+    import threading
+    import time
+
+    m, numel = 64, 8_000_000
+    scales = [torch.rand(1) for _ in range(m)]
+    bits = [torch.randint(0, 256, ((numel + 7) // 8,), dtype=torch.uint8) for _ in range(m)]
+    started = threading.Event()
+
+    def kernel():
+        started.set()
+        cpp.blocksign_decompress_mean(scales, bits, [numel], numel)
+
+    thread = threading.Thread(target=kernel)
+    thread.start()
+    started.wait()
+    time.sleep(0.02)  # the kernel is on by now; the call lasts far longer (64 payloads of 8M elements)
+    ran_meanwhile = sum(range(1000)) == 499500 and thread.is_alive()
+    thread.join()
+    assert ran_meanwhile, "the main thread could not run while the kernel did: the kernel holds the GIL"

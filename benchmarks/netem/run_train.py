@@ -1,7 +1,7 @@
 """End-to-end training against stock Horovod on emulated cluster links (root; see cluster.py), and
 Horovod's own synthetic benchmark with only the optimizer class swapped.
 
-    .venv/bin/python benchmarks/netem/run_train.py          # the defaults: about 20 minutes on 2 cores
+    .venv/bin/python benchmarks/netem/run_train.py          # the defaults: about 70 minutes on 2 cores
 
 Training (bench_train.py): real forward and backward of ``--model`` on ``--data``, every method of
 METHODS interleaved in one job per (rate, ranks): median step time (slowest rank), training time to
@@ -51,13 +51,15 @@ SYNTHETIC_ARGS = ["--model", "resnet18", "--batch-size", "16", "--image-size", "
 IMG_SEC = re.compile(r"Total img/sec on \d+ CPU\(s\): ([0-9.]+)")
 
 
-def methods() -> dict:
+def methods(bucket_cap_mb: float) -> dict:
+    """METHODS, and those of WHEN_FLAG the CLI knows; overlapped ones with buckets of ``bucket_cap_mb``."""
     found = dict(METHODS)
     help_text = train_parser().format_help()
     for flag, extra in WHEN_FLAG.items():
         if flag in help_text:
             found.update(extra)
-    return found
+    return {label: [*flags, "--bucket-cap-mb", str(bucket_cap_mb)] if "--overlap" in flags else flags
+            for label, flags in found.items()}
 
 
 def time_to(record: dict, target: float):
@@ -75,11 +77,14 @@ def run_checked(run, argv, what):
     return proc
 
 
-def synthetic(run, ranks: int, rate: str, rounds: int) -> list:
-    """Stock and swapped in turn, ``rounds`` times; one record per run."""
+def synthetic(run, ranks: int, rate: str, rounds: int, bucket_cap_mb: float) -> list:
+    """Stock and swapped in turn, ``rounds`` times, the overlapped one with buckets of
+    ``bucket_cap_mb``; one record per run."""
     out = []
     for i in range(rounds):
         for label, extra in SYNTHETIC.items():
+            if "--distef-overlap" in extra:
+                extra = [*extra, "--distef-bucket-cap-mb", str(bucket_cap_mb)]
             proc = run_checked(run, [sys.executable, str(HERE / "pytorch_synthetic_benchmark.py"), *SYNTHETIC_ARGS,
                                      *extra], f"synthetic {label}")
             img_sec = float(IMG_SEC.search(proc.stdout).group(1))
@@ -170,10 +175,13 @@ def main():
     ap.add_argument("--synthetic", nargs="*", default=["local:2", "1gbit:4", "100mbit:4"],
                     help="RATE:RANKS of the synthetic benchmark (local: plain mpirun, shared memory)")
     ap.add_argument("--rounds", type=int, default=2, help="synthetic: rounds of stock and swapped in turn")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--overlap-bucket-cap-mb", type=float, default=25.0,
+                    help="bucket_cap_mb of the overlapped contenders (default: DDP's 25)")
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--target", type=float, default=0.9, help="test accuracy to reach (stock Horovod must)")
-    ap.add_argument("--train-args", default="--model wide-mlp --data mnist5k --batch-size 32",
-                    help="hvd_distef.train flags for every method")
+    ap.add_argument("--train-args", default="--model wide-mlp --data mnist5k --batch-size 32 --lr-decay-epochs 4 6",
+                    help="hvd_distef.train flags for every method (default: the paper's schedule shape, the lr "
+                         "divided by 10 at 50%% and 75%% of the epochs)")
     ap.add_argument("--out", type=Path, default=RESULTS / "e2e.json")
     ap.add_argument("--render", action="store_true", help="run nothing: tables and plots from --out as it is")
     args = ap.parse_args()
@@ -181,7 +189,7 @@ def main():
         saved = json.loads(args.out.read_text())
         return render(saved, saved["training"], saved["synthetic"], saved["target"])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    chosen = methods()
+    chosen = methods(args.overlap_bucket_cap_mb)
     lines = Path(tempfile.mkdtemp()) / "records.jsonl"
     train_job = [sys.executable, str(HERE / "bench_train.py"), "--methods", json.dumps(chosen), "--epochs",
                  str(args.epochs), "--out", str(lines)]
@@ -195,7 +203,8 @@ def main():
         for spec in args.synthetic:
             rate, ranks = spec.split(":")
             if rate == "local":
-                synth += synthetic(local_mpirun(int(ranks)), int(ranks), rate, args.rounds)
+                synth += synthetic(local_mpirun(int(ranks)), int(ranks), rate, args.rounds,
+                                   args.overlap_bucket_cap_mb)
         for spec in wanted:
             rate, ranks = spec.split(":")
             with EmulatedCluster(int(ranks), rate=rate) as cluster:
@@ -204,7 +213,7 @@ def main():
                                        f"training {spec}")
                     print(proc.stdout, end="", flush=True)
                 if spec in args.synthetic:
-                    synth += synthetic(cluster.mpirun, int(ranks), rate, args.rounds)
+                    synth += synthetic(cluster.mpirun, int(ranks), rate, args.rounds, args.overlap_bucket_cap_mb)
     except HarnessError as exc:
         print(exc, file=sys.stderr)
         return 2
