@@ -430,6 +430,9 @@ class DistributedOptimizer(torch.optim.SGD):
                 tried_ahead = True
                 ahead = self._worker_step_ahead(getattr(self, "grad_scale", None))
                 nonfinite = [] if ahead is not None else self._layout.nonfinite_grads(0, len(self._layout.params))
+                if ahead is None and not nonfinite:
+                    raise ValueError("blocksign: the vector to compress, p = d + (η_{t-1}/η_t)·e, overflowed float32 "
+                                     "in some block though every gradient is finite; lower the lr or the loss scale")
             else:
                 nonfinite = self._prepare(0, len(self._layout.params), getattr(self, "grad_scale", None))
         except (ValueError, RuntimeError) as exc:  # told to every rank below, instead of a hang

@@ -562,11 +562,13 @@ def rejected_checkpoint_changes_nothing():
 
 def an_error_leaves_the_next_step_intact():
     """After step() raised on every rank (a NaN on one rank, too many backward passes, hyper-parameters
-    changed on one rank, a parameter cast to float64 on one rank), the next step is a whole step:
-    x = 0 − 0.1·1 exactly."""
+    changed on one rank, a parameter cast to float64 on one rank, and under blocksign finite
+    gradients whose compensated vector overflows float32 on one rank), the next step is a whole
+    step: x = 0 − 0.1·1 exactly."""
     out = []
-    for topology, compression in (("ps", "none"), ("allreduce", "none"), ("sharded", "none")):
-        for fault in ("nan", "passes", "lr", "float64"):
+    for topology, compression in (("ps", "none"), ("allreduce", "none"), ("sharded", "none"), ("ps", "blocksign"),
+                                  ("sharded", "blocksign")):
+        for fault in ("nan", "passes", "lr", "float64") + (("overflow",) if compression == "blocksign" else ()):
             p = torch.nn.Parameter(torch.zeros(4))
             opt = hvd_distef.DistributedOptimizer(torch.optim.SGD([p], lr=0.1), named_parameters=[("p", p)],
                                                   compression=compression, topology=topology, nonfinite="raise")
@@ -581,21 +583,26 @@ def an_error_leaves_the_next_step_intact():
             if fault == "float64" and RANK == 1:
                 p.data = p.data.double()
                 p.grad = torch.ones(4, dtype=torch.float64)
+            if fault == "overflow":  # d = g + 0.9·(0.9·0 + g) is inf for g = 3e38
+                opt.param_groups[0].update(momentum=0.9, nesterov=True)
+                if RANK == 1:
+                    p.grad = torch.full((4,), 3e38)
             try:
                 opt.step()
             except (ValueError, hvd_distef.HvdDistefError) as exc:
                 assert "rank 1" in str(exc) or fault == "passes" or RANK == 1, (fault, str(exc))
+                assert fault != "overflow" or "overflowed float32" in str(exc), str(exc)
             else:
                 raise AssertionError(f"{topology}, {fault}: no error")
             assert torch.equal(p.detach().float(), torch.zeros(4)), (topology, fault)
-            opt.param_groups[0]["lr"] = 0.1
+            opt.param_groups[0].update(lr=0.1, momentum=0.0, nesterov=False)
             p.data = p.data.float()
             opt.zero_grad()
             p.grad = torch.ones(4)
             opt.step()
             assert torch.equal(p.detach(), torch.full((4,), -0.1)), (topology, fault, p)
             assert opt.comm_stats()["steps"] == 1
-        out.append(topology)
+        out.append(f"{topology}+{compression}")
     return "whole next step: " + ", ".join(out)
 
 
