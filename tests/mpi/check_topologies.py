@@ -96,9 +96,9 @@ def ring_descends_quadratic():
     return _quadratic_descent("ring")
 
 
-def _stats_after(topology, compression, steps=3):
+def _stats_after(topology, compression, steps=3, **options):
     model = make_model()
-    opt = wrap(model, sgd_two_groups(model, lr=0.01), compression=compression, topology=topology)
+    opt = wrap(model, sgd_two_groups(model, lr=0.01), compression=compression, topology=topology, **options)
     for t in range(steps):
         train_step(model, opt, RANK, t)
     return opt, opt.comm_stats(), steps
@@ -118,9 +118,15 @@ def comm_stats_allreduce():
 
 
 def comm_stats_ps():
-    opt, stats, T = _stats_after("ps", "blocksign")
-    s = math.ceil(opt.numel / 8) + 4 * len(opt.block_sizes)
-    return _check(stats, T, *(((M - 1) * s,) * 2 if RANK == 0 else (s, s)))
+    """One payload per step; with overlap one per bucket, each broadcast left on the wire while the
+    next bucket is gathered (MPI_Ibcast), counted alike."""
+    out = []
+    for options in ({}, {"overlap": True, "bucket_cap_mb": 1e-4}):
+        opt, stats, T = _stats_after("ps", "blocksign", **options)
+        s = sum(math.ceil(b.topology.numel / 8) + 4 * len(b.topology.block_sizes) for b in opt.buckets)
+        assert len(opt.buckets) == (1 if not options else len(opt._layout.params)), len(opt.buckets)
+        out.append(_check(stats, T, *(((M - 1) * s,) * 2 if RANK == 0 else (s, s))))
+    return "; ".join(out)
 
 
 def _shard_bytes(opt):
