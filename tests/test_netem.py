@@ -1,6 +1,7 @@
 """The emulated-cluster harness of benchmarks/netem: two namespaces on a slow link, a few steps,
 and a full teardown (skipped with the reason where namespaces cannot be made)."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,6 +26,13 @@ def test_two_ranks_on_a_slow_link(tmp_path):
                         timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "hvdr0" in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        # rank i on core i mod the cores here, as a cluster gives each rank its own (Open MPI's default
+        # binding, one "host" per namespace, would put both on core 0)
+        bound = c.mpirun([sys.executable, "-c", "import os; print(os.environ['OMPI_COMM_WORLD_RANK'], "
+                          "*sorted(os.sched_getaffinity(0)))"], timeout=60)
+        assert bound.returncode == 0, bound.stderr[-3000:]
+        cores = sorted(os.sched_getaffinity(0))
+        assert sorted(bound.stdout.split("\n")[:-1]) == [f"{i} {cores[i % len(cores)]}" for i in range(2)]
     records = {r["topology"]: r for r in map(json.loads, out.read_text().splitlines())}
     d = records["ps"]["params"]
     assert records["allreduce"]["bytes_sent_per_step"] == pytest.approx(4 * d)  # 2·(M−1)/M·4d at M = 2

@@ -1,6 +1,8 @@
 """An emulated cluster on one machine: one network namespace per rank, veth pairs into a bridge
 that is connected to nothing else, each link limited with netem (rate and delay, both ends), and
-mpirun started inside the first namespace over TCP only.
+mpirun started inside the first namespace over TCP only. Rank i runs on core i mod (the cores this
+process may use), as on a cluster where each rank has cores of its own: each namespace is a host
+to Open MPI, whose default binding would put every rank on core 0.
 
 Needs root (it refuses with a clear message otherwise) and always cleans up: namespaces, bridge,
 its hosts-file lines, also after an error or Ctrl-C.
@@ -137,6 +139,9 @@ class EmulatedCluster:
         with HOSTS.open("a") as f:
             f.write("\n".join(lines) + "\n")
         (self.tmp / "hostfile").write_text("".join(f"{ns} slots=1\n" for ns in self.names))
+        cores = sorted(os.sched_getaffinity(0))
+        (self.tmp / "rankfile").write_text("".join(f"rank {i}={ns} slot={cores[i % len(cores)]}\n"
+                                                   for i, ns in enumerate(self.names)))
         agent = self.tmp / "agent.sh"
         agent.write_text('#!/bin/sh\nhost="$1"; shift\nexec ip netns exec "$host" sh -c "$*"\n')
         agent.chmod(0o755)
@@ -172,15 +177,17 @@ class EmulatedCluster:
 
     def mpirun(self, argv: List[str], timeout: float = 1800, env: Optional[dict] = None,
                yield_when_idle: bool = True) -> subprocess.CompletedProcess:
-        """Run ``argv`` on every rank, one per namespace, over TCP through the shaped links.
+        """Run ``argv`` on every rank, one per namespace, over TCP through the shaped links, rank i
+        bound to core i mod (the cores this process may use).
 
         ``yield_when_idle``: a rank waiting in MPI yields its core instead of spinning. Each
-        namespace is a one-slot "host", so Open MPI would spin; here the ranks share 2 cores, and
-        a spinning rank would take the core another rank computes on, which on a cluster (cores
-        per rank) it cannot. Applies to every topology alike, Horovod's allreduce included.
+        namespace is a one-slot "host", so Open MPI would spin; with more ranks than cores, a
+        spinning rank would take the core another rank computes on, which on a cluster (cores per
+        rank) it cannot. Applies to every topology alike, Horovod's allreduce included.
         """
         cmd = ["ip", "netns", "exec", self.names[0], "mpirun", "-np", str(self.ranks), "--hostfile",
-               str(self.tmp / "hostfile"), "--mca", "plm_rsh_agent", str(self.tmp / "agent.sh"),
+               str(self.tmp / "hostfile"), "--rankfile", str(self.tmp / "rankfile"),
+               "--mca", "plm_rsh_agent", str(self.tmp / "agent.sh"),
                "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "eth0",
                "--mca", "oob_tcp_if_include", "eth0", "--mca", "mpi_yield_when_idle", str(int(yield_when_idle)),
                # the orteds of all namespaces share this machine; their hwloc shared-memory topology
