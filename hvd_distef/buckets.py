@@ -24,6 +24,8 @@ from .fused import Range
 
 #: DDP's default bucket size
 DEFAULT_BUCKET_CAP_MB = 25.0
+#: seconds between the pipeline's progress calls while it waits for a bucket
+PROGRESS_S = 5e-4
 
 
 def plan(sizes: Sequence[int], cap_mb: Optional[float]) -> List[Range]:
@@ -55,10 +57,13 @@ class BucketPipeline:
     Args:
         bucket_of: for each fused parameter, the index of its bucket.
         work: the optimizer's work on bucket k (called on the pipeline's thread).
+        progress: called every ``PROGRESS_S`` while the thread waits for a bucket: a transfer left on
+            the wire moves only while some MPI call runs.
     """
 
-    def __init__(self, bucket_of: Sequence[int], work: Callable[[int], None]):
+    def __init__(self, bucket_of: Sequence[int], work: Callable[[int], None], progress: Callable[[], None]):
         self._bucket_of = list(bucket_of)
+        self._progress = progress
         self._count = len(set(self._bucket_of))
         self._sizes = [self._bucket_of.count(k) for k in range(self._count)]
         self._work = work
@@ -92,8 +97,12 @@ class BucketPipeline:
     def _run(self) -> None:
         try:
             for k in range(self._count):
-                with self._cond:
-                    self._cond.wait_for(lambda: self._draining or len(self._final[k]) == self._sizes[k])
+                while True:
+                    with self._cond:
+                        if self._cond.wait_for(lambda: self._draining or len(self._final[k]) == self._sizes[k],
+                                               timeout=PROGRESS_S):
+                            break
+                    self._progress()
                 self._work(k)
         except BaseException as exc:  # re-raised by drain() in the thread that called step()
             self._error = exc

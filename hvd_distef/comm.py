@@ -84,6 +84,14 @@ class Watchdog:
                 self.world.Abort(1)
 
 
+class Pending:
+    """A result still on the wire: ``test()`` drives MPI's progress (a nonblocking collective moves
+    only while some MPI call runs) and says whether it has arrived; ``wait()`` returns it."""
+
+    def __init__(self, wait: Callable[[], Any], test: Callable[[], bool]):
+        self.wait, self.test = wait, test
+
+
 #: one duplicate per base communicator, shared by every optimizer built on it: a sweep that builds
 #: many optimizers holds one communicator, not one each (our collectives never interleave: they run
 #: in the thread that calls step(), or in the bucket thread while that one waits; see buckets.py)
@@ -289,6 +297,23 @@ class Comm:
             self.mpi.Bcast(into, root=root)
         self._count(0, buf.numel())
         return result()
+
+    def ibcast(self, buf: torch.Tensor, root: int) -> Pending:
+        """``bcast`` started and left on the wire (MPI_Ibcast): its ``wait()`` gives ``root``'s buffer."""
+        if self.rank == root:
+            request = self.mpi.Ibcast(self.staging.send(buf), root=root)
+            self._count((self.size - 1) * buf.numel(), 0)
+            result = lambda: buf  # noqa: E731
+        else:
+            into, result = self.staging.inplace(buf)
+            request = self.mpi.Ibcast(into, root=root)
+            self._count(0, buf.numel())
+
+        def wait() -> torch.Tensor:
+            with self.watch("MPI Ibcast"):
+                request.Wait()
+            return result()
+        return Pending(wait, request.Test)
 
     def alltoallv(self, send: torch.Tensor, send_counts: List[int], recv_counts: List[int]) -> torch.Tensor:
         """Rank j gets ``send[offset_j : offset_j + send_counts[j]]`` from every rank, concatenated in rank order."""

@@ -238,6 +238,7 @@ class DistributedOptimizer(torch.optim.SGD):
                                      and self.device.type == "cpu" and _kernels.compiled is not None
                                      and all(b.topology.delivers_payloads for b in self.buckets))
         self._received: List[Optional[List[Payload]]] = [None] * len(self.buckets)
+        self._in_flight: dict = {}  # overlap: bucket -> its exchange still on the wire (``Topology.start_exchange``)
         # the worker's momentum and error step in one pass from the gradients before the ranks agree
         # (``_worker_step_ahead``), into ``self._grad`` as the worker error's spare buffer: blocksign
         # with the compiled kernels, no raw shard, and no overlap (its buckets have their own rollback)
@@ -254,7 +255,8 @@ class DistributedOptimizer(torch.optim.SGD):
             bucket_of = [0] * len(self._layout.params)
             for k, bucket in enumerate(self.buckets):
                 bucket_of[bucket.first:bucket.stop_param] = [k] * (bucket.stop_param - bucket.first)
-            self._pipeline = buckets.BucketPipeline(bucket_of, lambda k: this()._speculate(k))
+            self._pipeline = buckets.BucketPipeline(bucket_of, lambda k: this()._speculate(k),
+                                                    lambda: this()._progress_exchanges())
             self._rollback = Rollback(self._worker_memory,
                                       [b.topology.server_memory for b in self.buckets], self._worker_compressor,
                                       [b.topology.compressor for b in self.buckets])
@@ -614,7 +616,17 @@ class DistributedOptimizer(torch.optim.SGD):
             # the step will not keep this work: exchange zeros (the compressors refuse NaN and inf)
             self._grad[bucket.start:bucket.stop].zero_()
         self._rollback.keep(k, bucket.start, bucket.stop)
-        self._exchange_bucket(k, spec.segments, [])
+        self._exchange_bucket(k, spec.segments, [], on_wire=True)
+        if k == len(self.buckets) - 1:  # every exchange has arrived when the pipeline is done
+            with self._timed("exchange"):
+                for j, pending in self._in_flight.items():
+                    self._received[j] = pending.wait()
+            self._in_flight.clear()
+
+    def _progress_exchanges(self) -> None:
+        """Let the exchanges left on the wire move (the pipeline's thread, waiting for a bucket)."""
+        for pending in self._in_flight.values():
+            pending.test()
 
     def _stale(self, spec: _Speculation) -> bool:
         """Whether what the buckets used during backward is not what the step has now: a gradient
@@ -627,9 +639,10 @@ class DistributedOptimizer(torch.optim.SGD):
             return True
         return any(p.grad is not g or (g is not None and g._version != v) for p, (g, v) in spec.grads.items())
 
-    def _exchange_bucket(self, k: int, segments: Segments, idle: List[Range]) -> None:
+    def _exchange_bucket(self, k: int, segments: Segments, idle: List[Range], on_wire: bool = False) -> None:
         """The first half of the step on bucket k, its gradients in ``self._grad``: its slice of
-        ``self._delta`` gets Δ̃ (ef), the vote (signum) or the averaged gradient (sgd)."""
+        ``self._delta`` gets Δ̃ (ef), the vote (signum) or the averaged gradient (sgd). ``on_wire``:
+        see ``_exchange_payloads``."""
         bucket = self.buckets[k]
         a, b = bucket.start, bucket.stop
         if self._rule == "sgd":
@@ -650,15 +663,18 @@ class DistributedOptimizer(torch.optim.SGD):
                 self._grad[max(lo, a):min(hi, b)].zero_()
         with self._timed("compress"):
             payloads = self._worker_memory.step(self._worker_compressor, self._grad, segments, bucket.worker_shards)
-        self._exchange_payloads(k, payloads, segments)
+        self._exchange_payloads(k, payloads, segments, on_wire)
 
-    def _exchange_payloads(self, k: int, payloads: List[Payload], segments: Segments) -> None:
+    def _exchange_payloads(self, k: int, payloads: List[Payload], segments: Segments, on_wire: bool = False) -> None:
         """Bucket k's exchange of this rank's worker payloads (ef): Δ̃ into its slice of ``self._delta``,
-        or kept compressed in ``self._received[k]`` for the update to decompress."""
+        or kept compressed in ``self._received[k]`` for the update to decompress. ``on_wire``: its last
+        transfer may stay on the wire in ``self._in_flight[k]`` while the next bucket's starts."""
         bucket = self.buckets[k]
         a, b = bucket.start, bucket.stop
         with self._timed("exchange"):
-            if self._update_decompresses:
+            if self._update_decompresses and on_wire:
+                self._in_flight[k] = bucket.topology.start_exchange(payloads, window(segments, a, b))
+            elif self._update_decompresses:
                 self._received[k] = bucket.topology.exchange_compressed(payloads, window(segments, a, b))
             else:
                 bucket.topology.exchange(payloads, window(segments, a, b))

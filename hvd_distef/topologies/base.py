@@ -15,7 +15,7 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Type
 
 import torch
 
-from ..comm import Comm
+from ..comm import Comm, Pending
 from ..compressors import Compressor
 from ..error_feedback import ErrorMemory, Segments, Shard, window
 from ..payload import Payload, layout_nbytes
@@ -88,6 +88,13 @@ class Topology:
         (the optimizer may decompress them inside its update). Topologies whose result is not that
         (``allgather``, the baselines) override ``exchange`` instead."""
         raise NotImplementedError
+
+    def start_exchange(self, payloads: List[Payload], segments: Segments) -> Pending:
+        """``exchange_compressed`` with its last transfer possibly still on the wire, so that the next
+        bucket's can start meanwhile (``overlap=True``: SPEC §4); its ``wait()`` gives Δ̃'s payloads.
+        Here the whole exchange, done."""
+        done = self.exchange_compressed(payloads, segments)
+        return Pending(lambda: done, lambda: True)
 
     @property
     def delivers_payloads(self) -> bool:

@@ -14,6 +14,7 @@ from typing import List
 
 import torch
 
+from ..comm import Pending
 from ..error_feedback import ErrorMemory, Segments
 from ..payload import Payload
 from .base import Topology
@@ -30,11 +31,21 @@ class ParameterServer(Topology):
             self.server_memory = ErrorMemory(self.numel, self.device)
 
     def exchange_compressed(self, payloads: List[Payload], segments: Segments) -> List[Payload]:
-        comm, s = self.comm, self.nbytes[0]
+        broadcast = self._reduce_on_root(payloads, segments)
+        self.comm.bcast(broadcast, ROOT)
+        return self.decode_shards([broadcast])
+
+    def start_exchange(self, payloads: List[Payload], segments: Segments) -> Pending:
+        """The gather and the server step, then the broadcast of Δ̃ left on the wire: it goes out of
+        rank 0 while the next bucket's payloads come in (the link's two directions at once)."""
+        broadcast = self.comm.ibcast(self._reduce_on_root(payloads, segments), ROOT)
+        return Pending(lambda: self.decode_shards([broadcast.wait()]), broadcast.test)
+
+    def _reduce_on_root(self, payloads: List[Payload], segments: Segments) -> torch.Tensor:
+        """Every worker's Δ_i gathered on rank 0 and the server step there: Δ̃'s wire bytes on rank 0,
+        a buffer for them elsewhere."""
+        comm = self.comm
         gathered = comm.gather(payloads[0].to_bytes(), ROOT)
         if comm.rank == ROOT:
-            broadcast = self.server_reduce(self.decode_many(gathered), segments).to_bytes()
-        else:
-            broadcast = torch.empty(s, dtype=torch.uint8, device=self.device)
-        comm.bcast(broadcast, ROOT)
-        return self.decode_shards([broadcast])
+            return self.server_reduce(self.decode_many(gathered), segments).to_bytes()
+        return torch.empty(self.nbytes[0], dtype=torch.uint8, device=self.device)

@@ -118,8 +118,8 @@ def comm_stats_allreduce():
 
 
 def comm_stats_ps():
-    """One payload per step; with overlap (one bucket per parameter here) one per bucket, exchanged
-    from the bucket thread: the counts follow SPEC §3 bucket by bucket."""
+    """One payload per step; with overlap one per bucket, each broadcast left on the wire while the
+    next bucket is gathered (MPI_Ibcast), counted alike."""
     out = []
     for options in ({}, {"overlap": True, "bucket_cap_mb": 1e-4}):
         opt, stats, T = _stats_after("ps", "blocksign", **options)
