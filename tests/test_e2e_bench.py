@@ -34,3 +34,28 @@ def test_bench_train_records(tmp_path):
         assert r["curve"][-1]["train_time_s"] == r["train_time_s"]
         # the CLI's warm-up from lr/M, stepped per iteration: half of it after 4 of 8 steps
         assert [p["lr"] for p in r["curve"]] == pytest.approx([0.1 * (1 / 2 + 1 / 2 * 4 / 8), 0.1])
+
+
+def test_synthetic_contenders_launch_as_the_readme_advises():
+    """Stock Horovod with its defaults; ours with Horovod's thread cycling every 50 ms, and once as ported."""
+    import subprocess
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks" / "netem"))
+    import run_train
+    launched = []
+
+    def run(argv):
+        launched.append(argv)
+        return subprocess.CompletedProcess(argv, 0, stdout="Total img/sec on 2 CPU(s): 10.0\n", stderr="")
+    records = run_train.synthetic(run, 2, "local", 1, 10.0)
+    assert [r["label"] for r in records] == list(run_train.SYNTHETIC) and all(r["img_per_s"] == 10.0 for r in records)
+    cycle = ["-x", "HOROVOD_CYCLE_TIME=50"]
+    for label, argv in zip(run_train.SYNTHETIC, launched):
+        quiet = label in ("ef-blocksgdm-ps", "ef-blocksgdm-ps-overlap")
+        command = argv[2:] if quiet else argv
+        assert argv[:2] == cycle if quiet else "HOROVOD_CYCLE_TIME" not in " ".join(argv)
+        assert command[0] == sys.executable and command[1].endswith("pytorch_synthetic_benchmark.py")
+        assert ("--distef-topology" in argv) == (label != "horovod")
+        overlapped = "--distef-overlap" in argv
+        assert overlapped == (label == "ef-blocksgdm-ps-overlap")
+        assert (argv[-2:] == ["--distef-bucket-cap-mb", "10.0"]) == overlapped

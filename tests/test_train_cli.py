@@ -36,6 +36,17 @@ def test_each_method_trains_on_two_ranks(method, tmp_path):
     assert epoch["bytes_sent_per_step"] == pytest.approx(expected)
 
 
+def test_horovod_cycles_slowly_unless_it_exchanges_or_the_launcher_says():
+    from hvd_distef.train.loop import IDLE_HOROVOD_CYCLE_MS, quiet_horovod
+    for method in sorted(METHODS):
+        environ = {}
+        quiet_horovod(method, environ)
+        assert environ == ({} if method == "horovod" else {"HOROVOD_CYCLE_TIME": str(IDLE_HOROVOD_CYCLE_MS)})
+        launcher = {"HOROVOD_CYCLE_TIME": "2.5"}  # horovodrun --cycle-time-ms 2.5
+        quiet_horovod(method, launcher)
+        assert launcher == {"HOROVOD_CYCLE_TIME": "2.5"}
+
+
 def test_horovod_and_sgdm_train_bit_for_bit_alike(tmp_path):
     """Stock hvd.DistributedOptimizer (per-tensor allreduce overlapping backward) and ours under
     topology allreduce (one fused allreduce after backward) compute (g_0 + g_1)/2 elementwise on 2
