@@ -30,8 +30,8 @@ def quiet_horovod(method: str, environ=os.environ) -> None:
     """Before ``hvd.init()``: unless ``method`` is stock ``horovod`` or the launcher set it already
     (``horovodrun --cycle-time-ms``, ``HOROVOD_CYCLE_TIME``), Horovod's background thread cycles every
     ``IDLE_HOROVOD_CYCLE_MS`` ms. Horovod serves only the broadcasts and per-epoch metrics then, while
-    at its default of 1 ms its thread synchronizes with every rank each millisecond, and where a rank
-    has one core that took 40% of it from training (README, "Porting a Horovod script")."""
+    at its default of 1 ms its thread synchronizes with every rank each millisecond; where a rank has
+    one core, that cost 37% of the throughput (README, "Porting a Horovod script")."""
     if method != "horovod":
         environ.setdefault("HOROVOD_CYCLE_TIME", str(IDLE_HOROVOD_CYCLE_MS))
 
