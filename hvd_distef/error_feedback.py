@@ -145,6 +145,13 @@ class ErrorMemory:
             del self._unsettled[key]
         self._unsettled.update(unsettled)
 
+    def clear(self, start: int, stop: int) -> None:
+        """[start, stop) set to zeros, its deferred subtractions dropped: for a step that will be put
+        back (``keep``/``put_back``) and must still exchange something."""
+        self._buffer[start:stop].zero_()
+        for key in [k for k in self._unsettled if start <= k[0] and k[1] <= stop]:
+            del self._unsettled[key]
+
     def state_dict(self) -> torch.Tensor:
         return self.error.clone()
 

@@ -61,6 +61,11 @@ class Bucket(NamedTuple):
     worker_shards: List[Shard]  #: the topology's shards, in the fused buffer's coordinates
 
 
+#: a worker's compensated vector that its compressor refused, every gradient being finite
+OVERFLOW = ("the vector to compress, p = d + (η_{t-1}/η_t)·e, overflowed float32 in some block though every "
+            "gradient is finite; lower the lr or the loss scale")
+
+
 class _Speculation:
     """What the buckets exchanged during backward used (``overlap=True``), to check at ``step()``."""
 
@@ -433,8 +438,7 @@ class DistributedOptimizer(torch.optim.SGD):
                 ahead = self._worker_step_ahead(getattr(self, "grad_scale", None))
                 nonfinite = [] if ahead is not None else self._layout.nonfinite_grads(0, len(self._layout.params))
                 if ahead is None and not nonfinite:
-                    raise ValueError("blocksign: the vector to compress, p = d + (η_{t-1}/η_t)·e, overflowed float32 "
-                                     "in some block though every gradient is finite; lower the lr or the loss scale")
+                    raise ValueError(OVERFLOW)
             else:
                 nonfinite = self._prepare(0, len(self._layout.params), getattr(self, "grad_scale", None))
         except (ValueError, RuntimeError) as exc:  # told to every rank below, instead of a hang
@@ -616,7 +620,9 @@ class DistributedOptimizer(torch.optim.SGD):
             # the step will not keep this work: exchange zeros (the compressors refuse NaN and inf)
             self._grad[bucket.start:bucket.stop].zero_()
         self._rollback.keep(k, bucket.start, bucket.stop)
-        self._exchange_bucket(k, spec.segments, [], on_wire=True)
+        refused = self._exchange_bucket(k, spec.segments, [], on_wire=True, zeros_if_refused=True)
+        if refused is not None:
+            spec.failure = spec.failure or ValueError(OVERFLOW)
         if k == len(self.buckets) - 1:  # every exchange has arrived when the pipeline is done
             with self._timed("exchange"):
                 for j, pending in self._in_flight.items():
@@ -639,10 +645,13 @@ class DistributedOptimizer(torch.optim.SGD):
             return True
         return any(p.grad is not g or (g is not None and g._version != v) for p, (g, v) in spec.grads.items())
 
-    def _exchange_bucket(self, k: int, segments: Segments, idle: List[Range], on_wire: bool = False) -> None:
+    def _exchange_bucket(self, k: int, segments: Segments, idle: List[Range], on_wire: bool = False,
+                         zeros_if_refused: bool = False) -> Optional[ValueError]:
         """The first half of the step on bucket k, its gradients in ``self._grad``: its slice of
         ``self._delta`` gets Δ̃ (ef), the vote (signum) or the averaged gradient (sgd). ``on_wire``:
-        see ``_exchange_payloads``."""
+        see ``_exchange_payloads``. ``zeros_if_refused`` (a step that every rank agrees on later):
+        where the worker's compressor refuses p (it overflowed float32), zeros go out instead, as the
+        other ranks are in this bucket's collectives, and the refusal is returned."""
         bucket = self.buckets[k]
         a, b = bucket.start, bucket.stop
         if self._rule == "sgd":
@@ -661,9 +670,19 @@ class DistributedOptimizer(torch.optim.SGD):
         for lo, hi in idle:  # d (momentum applied when the gradients were read, ``_prepare``)
             if lo < b and hi > a:
                 self._grad[max(lo, a):min(hi, b)].zero_()
+        refused = None
         with self._timed("compress"):
-            payloads = self._worker_memory.step(self._worker_compressor, self._grad, segments, bucket.worker_shards)
+            try:
+                payloads = self._worker_memory.step(self._worker_compressor, self._grad, segments, bucket.worker_shards)
+            except ValueError as exc:
+                if not zeros_if_refused:
+                    raise
+                refused = exc
+                self._grad[a:b].zero_()
+                self._worker_memory.clear(a, b)  # the step is put back (Rollback)
+                payloads = self._worker_memory.step(self._worker_compressor, self._grad, segments, bucket.worker_shards)
         self._exchange_payloads(k, payloads, segments, on_wire)
+        return refused
 
     def _exchange_payloads(self, k: int, payloads: List[Payload], segments: Segments, on_wire: bool = False) -> None:
         """Bucket k's exchange of this rank's worker payloads (ef): Δ̃ into its slice of ``self._delta``,

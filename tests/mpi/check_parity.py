@@ -563,15 +563,19 @@ def rejected_checkpoint_changes_nothing():
 def an_error_leaves_the_next_step_intact():
     """After step() raised on every rank (a NaN on one rank, too many backward passes, hyper-parameters
     changed on one rank, a parameter cast to float64 on one rank, and under blocksign finite
-    gradients whose compensated vector overflows float32 on one rank), the next step is a whole
-    step: x = 0 − 0.1·1 exactly."""
+    gradients whose compensated vector overflows float32 on one rank, found before the ranks agree:
+    in the step taken ahead, or in the bucket exchanged during backward with ``overlap=True``), the
+    next step is a whole step: x = 0 − 0.1·1 exactly."""
     out = []
-    for topology, compression in (("ps", "none"), ("allreduce", "none"), ("sharded", "none"), ("ps", "blocksign"),
-                                  ("sharded", "blocksign")):
+    for topology, compression, overlap in (("ps", "none", False), ("allreduce", "none", False),
+                                           ("sharded", "none", False), ("ps", "blocksign", False),
+                                           ("sharded", "blocksign", False), ("ps", "blocksign", True),
+                                           ("sharded", "blocksign", True)):
         for fault in ("nan", "passes", "lr", "float64") + (("overflow",) if compression == "blocksign" else ()):
             p = torch.nn.Parameter(torch.zeros(4))
             opt = hvd_distef.DistributedOptimizer(torch.optim.SGD([p], lr=0.1), named_parameters=[("p", p)],
-                                                  compression=compression, topology=topology, nonfinite="raise")
+                                                  compression=compression, topology=topology, nonfinite="raise",
+                                                  overlap=overlap)
             p.grad = torch.ones(4)
             if fault == "nan" and RANK == 1:
                 p.grad[0] = float("nan")
@@ -585,8 +589,8 @@ def an_error_leaves_the_next_step_intact():
                 p.grad = torch.ones(4, dtype=torch.float64)
             if fault == "overflow":  # d = g + 0.9·(0.9·0 + g) is inf for g = 3e38
                 opt.param_groups[0].update(momentum=0.9, nesterov=True)
-                if RANK == 1:
-                    p.grad = torch.full((4,), 3e38)
+                p.grad = None  # from backward, so that overlap=True exchanges the bucket during it
+                (p * (3e38 if RANK == 1 else 1.0)).sum().backward()
             try:
                 opt.step()
             except (ValueError, hvd_distef.HvdDistefError) as exc:
@@ -602,7 +606,7 @@ def an_error_leaves_the_next_step_intact():
             opt.step()
             assert torch.equal(p.detach(), torch.full((4,), -0.1)), (topology, fault, p)
             assert opt.comm_stats()["steps"] == 1
-        out.append(f"{topology}+{compression}")
+        out.append(f"{topology}+{compression}{' overlapped' if overlap else ''}")
     return "whole next step: " + ", ".join(out)
 
 
