@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .. import Compression, DistributedOptimizer
+from ..comm import IDLE_HOROVOD_CYCLE_MS
 from ..errors import HvdDistefError
 from .cli import HOROVOD_COMPRESSION, METHODS
 from .data import Dataset, load
@@ -21,9 +22,6 @@ from .stats import gradient_stats, optimizer_stats
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
-#: ms between the cycles of Horovod's background thread when our optimizer does the exchanges (Horovod's
-#: default is 1 ms; every cycle synchronizes all ranks, idle or not)
-IDLE_HOROVOD_CYCLE_MS = 50
 
 
 def quiet_horovod(method: str, environ=os.environ) -> None:
