@@ -3,6 +3,7 @@ the same batches and the same lr schedule as the CLI, the records carry the byte
 computed, ours measured), and the training time is the sum of the timed steps."""
 import json
 import math
+import re
 
 import pytest
 
@@ -59,3 +60,24 @@ def test_synthetic_contenders_launch_as_the_readme_advises():
         overlapped = "--distef-overlap" in argv
         assert overlapped == (label == "ef-blocksgdm-ps-overlap")
         assert (argv[-2:] == ["--distef-bucket-cap-mb", "10.0"]) == overlapped
+
+
+def test_a_failed_job_runs_once_more_unless_it_ran_out_of_time():
+    """A job that failed (a TCP connect timed out) runs again; one that mpirun's --timeout ended does
+    not (it would run out of time again) and its stderr is shown."""
+    import subprocess
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks" / "netem"))
+    import run_train
+    for first_stderr, runs in (("connect() timed out", 2), ("The user-provided " + run_train.JOB_TIMED_OUT, 1)):
+        calls = []
+
+        def run(argv):
+            calls.append(argv)
+            return subprocess.CompletedProcess(argv, 1, stdout="", stderr=first_stderr)
+        with pytest.raises(run_train.HarnessError, match=re.escape(first_stderr)):
+            run_train.run_checked(run, ["true"], "training 100mbit:4")
+        assert len(calls) == runs
+    answers = iter([1, 0])
+    proc = run_train.run_checked(lambda argv: subprocess.CompletedProcess(argv, next(answers), "ok", ""), ["true"], "x")
+    assert proc.returncode == 0 and proc.stdout == "ok"
