@@ -124,10 +124,17 @@ def horovod_cycles_at_default(environ=os.environ) -> bool:
     return horovod is not None and bool(horovod.is_initialized()) and "HOROVOD_CYCLE_TIME" not in environ
 
 
+#: Open MPI's setting for a rank waiting in MPI: yield its core between polls instead of spinning (what
+#: Open MPI does by itself when a node is oversubscribed). Our collectives wait in the main thread while
+#: Horovod's thread cycles beside it; where a rank has one core, the two spinning took a third of the
+#: throughput (BENCHMARKS.md, stop 20). Given before MPI starts, unless the launcher or the user gave it.
+YIELD_WHEN_IDLE = ("OMPI_MCA_mpi_yield_when_idle", "1")
+
+
 def initialize_mpi() -> None:
-    """Initialize MPI through mpi4py (``MPI_THREAD_MULTIPLE``), when hvd_distef is imported: before
-    ``hvd.init()`` can. mpi4py then finalizes MPI at interpreter exit, on the main thread, after
-    Horovod's own shutdown (an ``atexit`` handler) has stopped Horovod's thread, and MPI_Finalize
+    """Initialize MPI through mpi4py (``MPI_THREAD_MULTIPLE``; Open MPI's ``YIELD_WHEN_IDLE`` unless
+    set), when hvd_distef is imported: before ``hvd.init()`` can. mpi4py then finalizes MPI at
+    interpreter exit, on the main thread, after Horovod's own shutdown (an ``atexit`` handler) has stopped Horovod's thread, and MPI_Finalize
     lets every rank's last messages arrive. Where Horovod initialized MPI instead, it finalizes it
     on its background thread when any rank ends, under this rank's collectives; ``Comm`` refuses
     that order (``HOROVOD_FIRST``)."""
@@ -135,6 +142,8 @@ def initialize_mpi() -> None:
     horovod = sys.modules.get("horovod.torch")
     _HOROVOD_OWNS_MPI = ("mpi4py.MPI" not in sys.modules and horovod is not None
                          and bool(horovod.is_initialized()))
+    if "mpi4py.MPI" not in sys.modules and not _HOROVOD_OWNS_MPI:
+        os.environ.setdefault(*YIELD_WHEN_IDLE)
     try:
         from mpi4py import MPI  # noqa: F401  (importing it initializes MPI)
     except ImportError:

@@ -107,6 +107,19 @@ hvd_distef.DistributedOptimizer(opt, named_parameters=model.named_parameters(), 
 
 
 
+@pytest.mark.parametrize("given,seen", [(None, "1"), ("0", "0")])
+def test_a_rank_waiting_in_mpi_yields_unless_told_otherwise(given, seen):
+    """``import hvd_distef`` starts MPI with Open MPI's mpi_yield_when_idle at 1, unless the launcher
+    or the user set it (here 0, which stays)."""
+    env = {k: v for k, v in mpi_env().items() if k != "OMPI_MCA_mpi_yield_when_idle"}
+    if given is not None:
+        env["OMPI_MCA_mpi_yield_when_idle"] = given
+    code = ("import os, hvd_distef; from mpi4py import MPI; "
+            "print(MPI.Is_initialized(), os.environ['OMPI_MCA_mpi_yield_when_idle'])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["True", seen], proc.stdout + proc.stderr[-2000:]
+
+
 def test_a_rank_talks_mpi_after_another_has_ended(tmp_path):
     """MPI is mpi4py's, finalized at exit on the main thread, not Horovod's: Horovod would finalize it
     on its thread as soon as rank 0 ends, under rank 1 (a slow link's last broadcast hung so)."""
