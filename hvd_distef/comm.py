@@ -112,7 +112,7 @@ HOROVOD_FIRST = ("hvd.init() ran before hvd_distef was imported, so Horovod init
 IDLE_HOROVOD_CYCLE_MS = 50
 HOROVOD_CYCLE_WARNING = (
     "Horovod's background thread synchronizes every rank each millisecond (HOROVOD_CYCLE_TIME unset: Horovod's "
-    "default), though hvd_distef exchanges the gradients; where a rank has one core this cost 37% of the "
+    "default), though hvd_distef exchanges the gradients; where a rank has one core this cost 10-37% of the "
     f"throughput. Launch with horovodrun --cycle-time-ms {IDLE_HOROVOD_CYCLE_MS} (mpirun -x "
     f"HOROVOD_CYCLE_TIME={IDLE_HOROVOD_CYCLE_MS}); README, 'Porting a Horovod script'")
 
