@@ -107,23 +107,6 @@ HOROVOD_FIRST = ("hvd.init() ran before hvd_distef was imported, so Horovod init
                  "collectives: they would hang or crash. Import hvd_distef (or mpi4py's MPI) before hvd.init()")
 
 
-#: ms between the cycles of Horovod's background thread that suit our optimizer: Horovod then serves only
-#: broadcasts and metrics (its default is 1 ms, and every cycle synchronizes all ranks, idle or not)
-IDLE_HOROVOD_CYCLE_MS = 50
-HOROVOD_CYCLE_WARNING = (
-    "Horovod's background thread synchronizes every rank each millisecond (HOROVOD_CYCLE_TIME unset: Horovod's "
-    "default), though hvd_distef exchanges the gradients; where a rank has one core this cost 10-37% of the "
-    f"throughput. Launch with horovodrun --cycle-time-ms {IDLE_HOROVOD_CYCLE_MS} (mpirun -x "
-    f"HOROVOD_CYCLE_TIME={IDLE_HOROVOD_CYCLE_MS}); README, 'Porting a Horovod script'")
-
-
-def horovod_cycles_at_default(environ=os.environ) -> bool:
-    """Whether Horovod's background thread runs at its default 1 ms cycle: ``hvd.init()`` was called
-    and neither the launcher (``horovodrun --cycle-time-ms``) nor the user set ``HOROVOD_CYCLE_TIME``."""
-    horovod = sys.modules.get("horovod.torch")
-    return horovod is not None and bool(horovod.is_initialized()) and "HOROVOD_CYCLE_TIME" not in environ
-
-
 #: Open MPI's setting for a rank waiting in MPI: yield its core between polls instead of spinning (what
 #: Open MPI does by itself when a node is oversubscribed). Our collectives wait in the main thread while
 #: Horovod's thread cycles beside it; where a rank has one core, the two spinning took a third of the
@@ -134,10 +117,10 @@ YIELD_WHEN_IDLE = ("OMPI_MCA_mpi_yield_when_idle", "1")
 def initialize_mpi() -> None:
     """Initialize MPI through mpi4py (``MPI_THREAD_MULTIPLE``; Open MPI's ``YIELD_WHEN_IDLE`` unless
     set), when hvd_distef is imported: before ``hvd.init()`` can. mpi4py then finalizes MPI at
-    interpreter exit, on the main thread, after Horovod's own shutdown (an ``atexit`` handler) has stopped Horovod's thread, and MPI_Finalize
-    lets every rank's last messages arrive. Where Horovod initialized MPI instead, it finalizes it
-    on its background thread when any rank ends, under this rank's collectives; ``Comm`` refuses
-    that order (``HOROVOD_FIRST``)."""
+    interpreter exit, on the main thread, after Horovod's own shutdown (an ``atexit`` handler) has
+    stopped Horovod's thread, and MPI_Finalize lets every rank's last messages arrive. Where Horovod
+    initialized MPI instead, it finalizes it on its background thread when any rank ends, under this
+    rank's collectives; ``Comm`` refuses that order (``HOROVOD_FIRST``)."""
     global _HOROVOD_OWNS_MPI
     horovod = sys.modules.get("horovod.torch")
     _HOROVOD_OWNS_MPI = ("mpi4py.MPI" not in sys.modules and horovod is not None

@@ -33,7 +33,7 @@ import torch
 from torch.optim.sgd import sgd as functional_sgd
 
 from . import _kernels, agreement, buckets, horovod_args
-from .comm import HOROVOD_CYCLE_WARNING, Comm, horovod_cycles_at_default
+from .comm import Comm
 from .compressors import Compression, get_compressor
 from .compressors.blocksign import BlockSign
 from .error_feedback import ErrorMemory, Segments, Shard, lr_ratio_segments, window
@@ -162,8 +162,6 @@ class DistributedOptimizer(torch.optim.SGD):
         self.comm = Comm(comm, timeout_s, process_set)
         agreement.check_construction(self.comm, None if failure else dict(self.config(), **self._hyperparameters()),
                                      failure)
-        if self.comm.rank == 0 and horovod_cycles_at_default():
-            warnings.warn(HOROVOD_CYCLE_WARNING, stacklevel=2)
         self._build(topology_cls)
 
     # --- construction -------------------------------------------------------------------------------

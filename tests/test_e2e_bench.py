@@ -4,10 +4,15 @@ computed, ours measured), and the training time is the sum of the timed steps.""
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 
 from conftest import ROOT, run_mpi
+
+sys.path.insert(0, str(ROOT / "benchmarks" / "netem"))
+import run_train  # noqa: E402
 
 METHODS = {"horovod": ["--method", "horovod"], "sgdm": ["--method", "sgdm"],
            "ps": ["--method", "ef-blocksgdm", "--topology", "ps"],
@@ -39,10 +44,6 @@ def test_bench_train_records(tmp_path):
 
 def test_synthetic_contenders_launch_as_the_readme_advises():
     """Stock Horovod with its defaults; ours with Horovod's thread cycling every 50 ms, and once as ported."""
-    import subprocess
-    import sys
-    sys.path.insert(0, str(ROOT / "benchmarks" / "netem"))
-    import run_train
     launched = []
 
     def run(argv):
@@ -65,10 +66,6 @@ def test_synthetic_contenders_launch_as_the_readme_advises():
 def test_a_failed_job_runs_once_more_unless_it_ran_out_of_time():
     """A job that failed (a TCP connect timed out) runs again; one that mpirun's --timeout ended does
     not (it would run out of time again) and its stderr is shown."""
-    import subprocess
-    import sys
-    sys.path.insert(0, str(ROOT / "benchmarks" / "netem"))
-    import run_train
     for first_stderr, runs in (("connect() timed out", 2), ("The user-provided " + run_train.JOB_TIMED_OUT, 1)):
         calls = []
 

@@ -13,7 +13,6 @@ import torch
 from tqdm import tqdm
 
 from .. import Compression, DistributedOptimizer
-from ..comm import IDLE_HOROVOD_CYCLE_MS
 from ..errors import HvdDistefError
 from .cli import HOROVOD_COMPRESSION, METHODS
 from .data import Dataset, load
@@ -22,6 +21,9 @@ from .stats import gradient_stats, optimizer_stats
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+#: ms between the cycles of Horovod's background thread when our optimizer does the exchanges (Horovod's
+#: default is 1 ms; every cycle synchronizes all ranks, idle or not)
+IDLE_HOROVOD_CYCLE_MS = 50
 
 
 def quiet_horovod(method: str, environ=os.environ) -> None:
@@ -29,7 +31,8 @@ def quiet_horovod(method: str, environ=os.environ) -> None:
     (``horovodrun --cycle-time-ms``, ``HOROVOD_CYCLE_TIME``), Horovod's background thread cycles every
     ``IDLE_HOROVOD_CYCLE_MS`` ms. Horovod serves only the broadcasts and per-epoch metrics then, while
     at its default of 1 ms its thread synchronizes with every rank each millisecond; where a rank has
-    one core, that cost 37% of the throughput (README, "Porting a Horovod script")."""
+    one core, that cost 37% of the throughput before our MPI waits yielded (``comm.YIELD_WHEN_IDLE``),
+    and nothing we could measure since (README, "Porting a Horovod script")."""
     if method != "horovod":
         environ.setdefault("HOROVOD_CYCLE_TIME", str(IDLE_HOROVOD_CYCLE_MS))
 

@@ -2,7 +2,6 @@
 computation (stock horovod.torch on the same script, plain torch SGD, hand-computed floats), on
 every topology where it applies. Run under mpirun with 2 and 3 ranks by tests/test_parity.py."""
 import contextlib
-import os
 import threading
 import warnings
 
@@ -715,31 +714,6 @@ def synchronize_then_step_warns_once():
     return "one warning"
 
 
-def horovod_cycle_at_default_warned_by_rank_0():
-    """Horovod's thread at its default 1 ms cycle (hvd.init() called, HOROVOD_CYCLE_TIME unset): rank 0
-    warns once as the optimizer is built, every other rank stays quiet; with the cycle set, no rank warns."""
-    assert hvd.is_initialized()
-    launcher = os.environ.pop("HOROVOD_CYCLE_TIME", None)
-
-    def warnings_when_built():
-        model = make_model()
-        with warnings.catch_warnings(record=True) as ws:
-            warnings.simplefilter("always")
-            wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), compression="blocksign", topology="ps")
-        return [str(w.message) for w in ws]
-    try:
-        at_default = warnings_when_built()
-        os.environ["HOROVOD_CYCLE_TIME"] = "50"
-        assert warnings_when_built() == []
-    finally:
-        os.environ.pop("HOROVOD_CYCLE_TIME")
-        if launcher is not None:
-            os.environ["HOROVOD_CYCLE_TIME"] = launcher
-    assert at_default == ([hvd_distef.comm.HOROVOD_CYCLE_WARNING] if RANK == 0 else []), at_default
-    assert "--cycle-time-ms 50" in hvd_distef.comm.HOROVOD_CYCLE_WARNING
-    return "rank 0 warns once"
-
-
 def horovod_arguments_accepted_or_refused():
     model = make_model()
     for compression in (hvd.Compression.none, hvd.Compression.fp16):
@@ -864,7 +838,7 @@ CASES = {f.__name__: f for f in [
     fp16_on_the_wire_stays_finite, ranks_that_disagree_raise_on_every_rank,
     rejected_checkpoint_changes_nothing, an_error_leaves_the_next_step_intact, comm_subset_restricts_allreduce, gradient_clipping_recipe,
     update_decompressing_payloads_equals_decompressed_update, worker_step_ahead_equals_the_two_passes,
-    synchronize_then_step_warns_once, horovod_cycle_at_default_warned_by_rank_0,
+    synchronize_then_step_warns_once,
     horovod_arguments_accepted_or_refused, predivide_and_sum_under_allreduce_equal_stock_horovod,
     sparse_gradients_are_densified, step_hooks_run_once_per_step,
     many_optimizers_share_one_communicator_and_watchdog, user_compressor_with_arbitrary_attributes]}
