@@ -26,7 +26,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blocksign_server_feedback", &blocksign_server_feedback, release, "server step: mean + r (e - C_prev), C, p left in e",
         py::arg("scales"), py::arg("bits"), py::arg("error"), py::arg("block_sizes"), py::arg("segments"),
         py::arg("prev_scales") = py::none(), py::arg("prev_bits") = py::none());
+  m.def("compensate", &compensate, release, "p = d + r e per segment into out (may be d) or a new vector",
+        py::arg("d"), py::arg("error"), py::arg("segments"), py::arg("out") = py::none());
+  m.def("half_feedback", &half_feedback, release,
+        "fp16's error step: p = x + r e (x: d, or the mean of float16 payloads); h = fp16(p) saturated; e = p - h",
+        py::arg("sources"), py::arg("error"), py::arg("segments"), py::arg("max_value"), py::arg("out") = py::none());
   m.def("pack_signs", &pack_signs, release, "packed signs of x (bit set where x >= 0)");
+  m.def("signum_momentum", &signum_momentum, release,
+        "signum's worker step: m' = mu m + (1 - mu) g per segment (mu = 0: m' = m, g sent); packed signs sent",
+        py::arg("g"), py::arg("momentum"), py::arg("momentum_out"), py::arg("segments"));
   m.def("majority_vote", &majority_vote, release, "M packed sign rows -> (positive, non-zero) bit masks of their vote");
   m.def("unpack_vote", &unpack_vote, release, "the vote as float32 -1, 0, +1", py::arg("vote"), py::arg("numel"),
         py::arg("out") = py::none());

@@ -74,8 +74,17 @@ class BlocksignPieces {
   std::vector<std::unique_ptr<Piece>> pieces_;
 };
 
+// dense_feedback.cpp: the compensation p = d + r*e of the generic error step, into out (which may be d,
+// else a new vector), and fp16's whole error step (p = x + r*e; h = float16(p) saturated at ±max_value;
+// e = p - h) where x is d (sources: one float32 vector) or the mean of M float16 payloads (the
+// server's), each in one pass.
+at::Tensor compensate(at::Tensor d, at::Tensor error, Segments segments, c10::optional<at::Tensor> out);
+at::Tensor half_feedback(std::vector<at::Tensor> sources, at::Tensor error, Segments segments, double max_value,
+                         c10::optional<at::Tensor> out);
+
 // majority_vote.cpp: signum's vote (SPEC §3)
 at::Tensor majority_vote(at::Tensor rows, int64_t numel);
+at::Tensor signum_momentum(at::Tensor g, at::Tensor momentum, at::Tensor momentum_out, Segments segments);
 at::Tensor unpack_vote(at::Tensor vote, int64_t numel, c10::optional<at::Tensor> out);
 
 // sgd_update.cpp: the optimizer's element-wise passes around the exchange (SPEC §1)

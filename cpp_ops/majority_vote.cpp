@@ -6,7 +6,12 @@
 
 #include <ATen/Parallel.h>
 
+#ifdef HVD_DISTEF_X86_GCC
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <vector>
 
 namespace {
 
@@ -14,6 +19,28 @@ constexpr int64_t kGrainBytes = 1 << 12;
 
 HOT void vote_bytes(const uint8_t* rows, int64_t stride, int64_t m_rows, int64_t lo, int64_t hi, uint8_t* positive,
                     uint8_t* nonzero) {
+  // one to three rows as bit logic (the sum of the signs: count 2c - M): M = 1, the row, never 0;
+  // M = 2, both set, 0 where they differ; M = 3, two of three set, never 0
+  if (m_rows == 1) {
+    for (int64_t j = lo; j < hi; ++j) positive[j] = rows[j], nonzero[j] = 0xff;
+    return;
+  }
+  if (m_rows == 2) {
+    for (int64_t j = lo; j < hi; ++j) {
+      const uint8_t a = rows[j], b = rows[stride + j];
+      positive[j] = a & b;
+      nonzero[j] = (uint8_t)~(a ^ b);
+    }
+    return;
+  }
+  if (m_rows == 3) {
+    for (int64_t j = lo; j < hi; ++j) {
+      const uint8_t a = rows[j], b = rows[stride + j], c = rows[2 * stride + j];
+      positive[j] = (a & b) | (a & c) | (b & c);
+      nonzero[j] = 0xff;
+    }
+    return;
+  }
   for (int64_t j = lo; j < hi; ++j) {
     int32_t count[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t m = 0; m < m_rows; ++m) {
@@ -39,7 +66,82 @@ HOT void unpack_vote_bytes(const uint8_t* positive, const uint8_t* nonzero, floa
   }
 }
 
+#ifdef HVD_DISTEF_X86_GCC
+// Whole bytes [j, hi) of sign bits of v (bit set where v >= 0: true for -0.0, false for NaN), one
+// compare and movemask per 8 elements; returns where it stopped.
+__attribute__((target("avx2"))) int64_t pack_bytes_avx2(const float* v, uint8_t* bits, int64_t j, int64_t hi) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (; j < hi; ++j)
+    bits[j] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + 8 * j), zero, _CMP_GE_OQ));
+  return j;
+}
+const bool kAvx2 = __builtin_cpu_supports("avx2");
+#endif
+
+// Signum's worker step over bytes [lo, hi) of the packed signs (elements 8·lo .. min(8·hi, n)):
+// v = mu*m + (1 - mu)*g, m_out = v, or where mu = 0 v = g and m_out = m; bit = v >= 0.
+void signum_bytes(const float* g, const float* m, float* m_out, int64_t n, const Segments& segs, int64_t lo,
+                  int64_t hi, uint8_t* bits) {
+  thread_local std::vector<float> v;
+  const int64_t a0 = 8 * lo, b0 = std::min(8 * hi, n);
+  v.resize(b0 - a0);
+  float* vp = v.data() - a0;
+  int64_t at = a0;
+  auto run = [&](int64_t a, int64_t b, float mu, float omm) {
+    if (mu == 0.0f) {
+      std::copy(m + a, m + b, m_out + a);
+      std::copy(g + a, g + b, vp + a);
+      return;
+    }
+    for (int64_t i = a; i < b; ++i) {
+      const float x = m[i] * mu;
+      const float y = g[i] * omm;
+      const float s = x + y;
+      m_out[i] = s;
+      vp[i] = s;
+    }
+  };
+  for (const auto& s : segs) {
+    const int64_t a = std::max(at, std::get<0>(s)), b = std::min(b0, std::get<1>(s));
+    if (a >= b) continue;
+    if (at < a) run(at, a, 0.0f, 1.0f);
+    const double mu = std::get<2>(s);
+    run(a, b, (float)mu, (float)(1.0 - mu));
+    at = b;
+  }
+  if (at < b0) run(at, b0, 0.0f, 1.0f);
+  int64_t j = lo;
+#ifdef HVD_DISTEF_X86_GCC
+  if (kAvx2) j = pack_bytes_avx2(vp, bits, j, std::min(hi, n / 8));
+#endif
+  for (; j < hi; ++j) {
+    uint8_t byte = 0;
+    const int64_t end = std::min<int64_t>(8, n - 8 * j);
+    for (int k = 0; k < end; ++k) byte |= (uint8_t)(vp[8 * j + k] >= 0.0f) << k;
+    bits[j] = byte;
+  }
+}
+
 }  // namespace
+
+// Signum's worker step in one pass (SPEC §3): per segment (start, stop, mu) of g, the momentum
+// m' = mu*m + (1 - mu)*g into momentum_out (mu = 0: m' = m, and g's own signs are sent), and the
+// packed signs of what is sent; returns them (ceil(n/8) bytes, bit set where >= 0).
+at::Tensor signum_momentum(at::Tensor g, at::Tensor momentum, at::Tensor momentum_out, Segments segments) {
+  for (const at::Tensor* t : {&g, &momentum, &momentum_out})
+    TORCH_CHECK_VALUE(t->device().is_cpu() && t->dtype() == at::kFloat && t->is_contiguous() &&
+                          t->numel() == g.numel(),
+                      "g and the momentum buffers must be contiguous float32 CPU tensors of one length");
+  const int64_t n = g.numel(), nbytes = (n + 7) / 8;
+  auto bits = at::empty({nbytes}, g.options().dtype(at::kByte));
+  const float* gp = g.data_ptr<float>();
+  const float* mp = momentum.data_ptr<float>();
+  float* mo = momentum_out.data_ptr<float>();
+  uint8_t* bp = bits.data_ptr<uint8_t>();
+  at::parallel_for(0, nbytes, kGrainBytes,
+                   [&](int64_t lo, int64_t hi) { signum_bytes(gp, mp, mo, n, segments, lo, hi, bp); });
+  return bits;
+}
 
 // rows: M packed sign vectors of ceil(numel/8) bytes each, concatenated. Returns 2·ceil(numel/8)
 // bytes: the positive mask, then the non-zero mask (padding bits 0 in both).

@@ -6,19 +6,31 @@
 - everything else (and whatever those do not cover: signum's vote): the plain PyTorch path
   (``_torch_kernels``), which is also the reference the others are tested against.
 
-Set HVD_DISTEF_FORCE_TORCH=1 to use the torch path everywhere.
+Set HVD_DISTEF_FORCE_TORCH=1 to use the torch path everywhere. Where the extension did not build
+(and the torch path was not asked for), the first CPU kernel call says so once, from rank 0: why, what
+it costs, and the fix (``MISSING_WARNING``).
 """
 from __future__ import annotations
 
 import functools
 import os
+import sys
+import warnings
+from typing import Optional
 
 import torch
 
 from . import _torch_kernels as torch_path
-from ._torch_kernels import Segments, compensate, unpack_signs  # noqa: F401  (no compiled twin)
+from ._torch_kernels import Segments, unpack_signs  # noqa: F401  (no compiled twin)
 
 FORCE_TORCH_ENV = "HVD_DISTEF_FORCE_TORCH"
+#: where a launcher puts this process's rank in MPI's world (Open MPI, MPICH/Intel MPI, PMIx)
+RANK_ENVS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+MISSING_WARNING = (
+    "hvd_distef: the compiled kernels (cpp_ops) did not load ({reason}), so CPU tensors run the pure-PyTorch "
+    "path, whose worker step measured tens of times slower than the compiled one (51x at d = 2.5e7; "
+    "benchmarks/kernels.py measures it). Build them with a C++ compiler and torch installed: `make install`, "
+    "or `pip install --no-build-isolation -e .`; or set {env}=1 to use the torch path without this warning.")
 
 
 def _forced_torch() -> bool:
@@ -26,16 +38,37 @@ def _forced_torch() -> bool:
 
 
 def _load_compiled():
+    """(the extension, None), or (None, why it did not load: None when the torch path was asked for)."""
     if _forced_torch():
-        return None
+        return None, None
     try:
         from . import _cpp_ops  # built by setup.py from cpp_ops/
-    except ImportError:
-        return None
-    return _cpp_ops
+    except ImportError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    return _cpp_ops, None
 
 
-compiled = _load_compiled()
+compiled, import_error = _load_compiled()
+
+
+def _world_rank() -> Optional[int]:
+    """This process's rank in MPI's world, without starting MPI: mpi4py's where MPI runs, else the
+    launcher's (``RANK_ENVS``), else None (no launcher: a single process)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        return mpi.COMM_WORLD.Get_rank()
+    for name in RANK_ENVS:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_fallback():
+    """The torch path for CPU tensors where the extension did not load; the first call warns (rank 0)."""
+    if import_error is not None and _world_rank() in (None, 0):
+        warnings.warn(MISSING_WARNING.format(reason=import_error, env=FORCE_TORCH_ENV), RuntimeWarning)
+    return torch_path
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,7 +85,7 @@ def gpu_path():
 
 def _pick(t: torch.Tensor):
     if t.device.type == "cpu":
-        return compiled if compiled is not None else torch_path
+        return compiled if compiled is not None else _cpu_fallback()
     return gpu_path() if t.device.type == "cuda" else torch_path
 
 
@@ -79,11 +112,17 @@ def blocksign_server_feedback(scales, bits, error, block_sizes, segments, prev_s
 
 def _compiled_or_torch(t: torch.Tensor):
     """Kernels without a Triton twin (signum's, ``descend_blocksign_``): cpp_ops on the CPU, else the torch path."""
-    return compiled if compiled is not None and t.device.type == "cpu" else torch_path
+    if t.device.type != "cpu":
+        return torch_path
+    return compiled if compiled is not None else _cpu_fallback()
 
 
 def pack_signs(x):
     return _compiled_or_torch(x).pack_signs(x)
+
+
+def signum_momentum(g, momentum, momentum_out, segments):
+    return _compiled_or_torch(g).signum_momentum(g, momentum, momentum_out, list(segments))
 
 
 def majority_vote(rows, numel):
@@ -126,3 +165,15 @@ def descend_blocksign_(params, starts, scales, bits, block_sizes, decay_buffer, 
     path.descend_blocksign_(list(params), [int(s) for s in starts], list(scales), list(bits),
                             [[int(n) for n in sizes] for sizes in block_sizes], decay_buffer, lr, mu, weight_decay,
                             nesterov)
+
+
+def compensate(d, error, segments, out=None):
+    """p = d + (η_{t-1}/η_t)·e (``_torch_kernels.compensate``) into ``out`` (may be d) or a new vector:
+    one pass and no temporary with the compiled kernel; the torch path elsewhere."""
+    path = _compiled_or_torch(d) if out is None or out.is_contiguous() else torch_path
+    return path.compensate(d, error, list(segments), out)
+
+
+def half_feedback(sources, error, segments, max_value, out=None):
+    """The error step of ``fp16`` (``_torch_kernels.half_feedback``): one pass with the compiled kernel."""
+    return _compiled_or_torch(error).half_feedback(list(sources), error, list(segments), float(max_value), out)

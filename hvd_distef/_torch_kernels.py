@@ -43,6 +43,27 @@ def unpack_signs(bits: torch.Tensor, numel: int) -> torch.Tensor:
     return unpack_bits(bits, numel).to(torch.float32).mul_(2).sub_(1)
 
 
+def signum_momentum(g: torch.Tensor, momentum: torch.Tensor, momentum_out: torch.Tensor,
+                    segments: Segments) -> torch.Tensor:
+    """Signum's worker step (SPEC §3): per segment (start, stop, μ) of g, m' = μ·m + (1−μ)·g into
+    ``momentum_out`` (μ = 0: m' = m and g itself is sent; 0 where no segment covers); returns the
+    packed signs of what is sent. g is untouched."""
+    sent = g.clone()
+    for start, stop, mu in segments:
+        m, m_next = momentum[start:stop], momentum_out[start:stop]
+        if mu == 0:
+            m_next.copy_(m)
+            continue
+        sent[start:stop] = torch.mul(m, mu, out=m_next).add_(torch.mul(g[start:stop], 1 - mu))
+    covered = sorted((a, b) for a, b, _ in segments)
+    at = 0
+    for a, b in covered + [(g.numel(), g.numel())]:
+        if at < a:
+            momentum_out[at:a].copy_(momentum[at:a])
+        at = max(at, b)
+    return pack_signs(sent)
+
+
 def majority_vote(rows: torch.Tensor, numel: int) -> torch.Tensor:
     """Signum's vote on M packed sign rows (concatenated): the positive mask, then the non-zero
     mask of sign(Σ_i sign_i) (0 on a tie), 2·ceil(numel/8) bytes."""
@@ -75,15 +96,43 @@ def expand_blocks(values: torch.Tensor, block_sizes: Sequence[int], numel: int) 
     return torch.repeat_interleave(values, lengths, output_size=numel)
 
 
-def compensate(d: torch.Tensor, error: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """p = d + (η_{t-1}/η_t)·e, each param group with its own ratio (SPEC §1); d untouched.
-    The product r·e is rounded before the sum, as in the compiled kernel (torch's
+def compensate(d: torch.Tensor, error: torch.Tensor, segments: Segments,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """p = d + (η_{t-1}/η_t)·e, each param group with its own ratio (SPEC §1; ratio 0 where no
+    segment covers), into ``out`` (which may be d itself) or a new vector; d is untouched unless it
+    is ``out``. The product r·e is rounded before the sum, as in the compiled kernel (torch's
     ``add_(alpha=r)`` fuses the two into one rounding on CPUs with FMA and would differ)."""
-    p = d.clone()
+    if out is None:
+        p = d.clone()
+    elif out.data_ptr() == d.data_ptr() and out.shape == d.shape:
+        p = out
+    else:
+        p = out.copy_(d)
     for start, stop, ratio in segments:
         if ratio != 0.0:
             p[start:stop].add_(torch.mul(error[start:stop], ratio))
     return p
+
+
+def half_feedback(sources: Sequence[torch.Tensor], error: torch.Tensor, segments: Segments,
+                  max_value: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The error step of ``fp16`` (SPEC §1): p = x + r·e; Δ = float16(p) saturated at ±max_value;
+    e <- p − Δ. Returns Δ (float16, in ``out`` when given). x is ``sources[0]`` where that is the
+    float32 d (a worker's; left untouched), or the server's mean ((h_0 + h_1) + ...)/M of float16
+    payloads (one: h_0)."""
+    if len(sources) == 1 and sources[0].dtype == torch.float32:
+        p = compensate(sources[0], error, segments)
+    else:
+        p = sources[0].to(torch.float32)
+        for h in sources[1:]:
+            p.add_(h)  # float32 + float(h): the sum of decompressed payloads
+        if len(sources) > 1:
+            p.div_(len(sources))
+        p = compensate(p, error, segments, out=p)
+    values = p.to(torch.float16) if out is None else out.copy_(p)
+    values.clamp_(-max_value, max_value)  # = float16(clamp(p)): FP16.compress
+    torch.sub(p, values, out=error)
+    return values
 
 
 def blocksign_compress(x: torch.Tensor, block_sizes: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -108,9 +108,9 @@ HOROVOD_FIRST = ("hvd.init() ran before hvd_distef was imported, so Horovod init
 
 
 #: Open MPI's setting for a rank waiting in MPI: yield its core between polls instead of spinning (what
-#: Open MPI does by itself when a node is oversubscribed). Our collectives wait in the main thread while
-#: Horovod's thread cycles beside it; where a rank has one core, the two spinning took a third of the
-#: throughput (BENCHMARKS.md, stop 20). Given before MPI starts, unless the launcher or the user gave it.
+#: Open MPI does by itself when a node is oversubscribed). Horovod's background thread waits in MPI every
+#: cycle beside the thread that computes; where a rank has one core, its spinning takes compute from
+#: stock Horovod and from us alike. Given before MPI starts, unless the launcher or the user gave it.
 YIELD_WHEN_IDLE = ("OMPI_MCA_mpi_yield_when_idle", "1")
 
 
@@ -276,6 +276,19 @@ class Comm:
         """Bound a collective by this communicator's timeout (see ``Watchdog``)."""
         return self.watchdog.watch(what, self.timeout_s)
 
+    def complete(self, what: str, *requests) -> None:
+        """Wait until MPI ``requests`` complete, polling ``MPI_Test`` and giving the core away between
+        polls, bounded by the timeout. Every collective of ours starts nonblocking and ends here, not in
+        MPI's blocking wait: under ``MPI_THREAD_MULTIPLE`` Open MPI lets one waiting thread drive progress
+        and parks the others on a condition variable, and Horovod's background thread is in an MPI call
+        every cycle (1 ms by default, idle or not); a blocking wait of ours then handed progress back and
+        forth with it, a few cycles more per step (BENCHMARKS.md, "Waiting in MPI beside Horovod's
+        background thread")."""
+        test = requests[0].Test if len(requests) == 1 else lambda: self.MPI.Request.Testall(list(requests))
+        with self.watch(what):
+            while not test():
+                os.sched_yield()
+
     def _count(self, sent: float, received: float) -> None:
         self.bytes_sent += sent
         self.bytes_received += received
@@ -283,29 +296,29 @@ class Comm:
     # --- byte collectives ---------------------------------------------------------------------
     # Each counts the bytes of the buffers it hands to MPI that leave or reach this rank: a rank's
     # own part of a collective never crosses the wire; gather and broadcast count as the flat trees
-    # of point-to-point messages they stand for (SPEC §3).
-    def gather(self, buf: torch.Tensor, root: int) -> Optional[torch.Tensor]:
+    # of point-to-point messages they stand for (SPEC §3). ``out``: a buffer of the result's size to
+    # receive into, kept by the caller across steps (a fresh one page-faults every step), else a new
+    # one. In a world of one, the result is the rank's own buffer itself: no copy, no MPI call.
+    def _receive_into(self, out: Optional[torch.Tensor], nbytes: int, device) -> Tuple[Any, Callable[[], torch.Tensor]]:
+        if out is None:
+            return self.staging.recv(nbytes, torch.uint8, device)
+        if out.numel() != nbytes or out.dtype != torch.uint8:
+            raise ValueError(f"out has {out.numel()} {out.dtype} elements, the collective receives {nbytes} bytes")
+        return self.staging.inplace(out)
+
+    def gather(self, buf: torch.Tensor, root: int, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Equal-size buffers from every rank, concatenated in rank order on ``root`` (None elsewhere)."""
-        out, result = (None, None)
-        if self.rank == root:
-            out, result = self.staging.recv(buf.numel() * self.size, torch.uint8, buf.device)
-        with self.watch("MPI Gather"):
-            self.mpi.Gather(self.staging.send(buf), out, root=root)
+        if self.size == 1:
+            return buf
+        into, result = (None, None) if self.rank != root else self._receive_into(out, buf.numel() * self.size,
+                                                                                  buf.device)
+        self.complete("MPI Gather", self.mpi.Igather(self.staging.send(buf), into, root=root))
         self._count(0, (self.size - 1) * buf.numel()) if self.rank == root else self._count(buf.numel(), 0)
         return None if result is None else result()
 
     def bcast(self, buf: torch.Tensor, root: int) -> torch.Tensor:
         """``root``'s buffer, in place on every rank."""
-        if self.rank == root:
-            with self.watch("MPI Bcast"):
-                self.mpi.Bcast(self.staging.send(buf), root=root)
-            self._count((self.size - 1) * buf.numel(), 0)
-            return buf
-        into, result = self.staging.inplace(buf)
-        with self.watch("MPI Bcast"):
-            self.mpi.Bcast(into, root=root)
-        self._count(0, buf.numel())
-        return result()
+        return self.ibcast(buf, root).wait()
 
     def ibcast(self, buf: torch.Tensor, root: int) -> Pending:
         """``bcast`` started and left on the wire (MPI_Ibcast): its ``wait()`` gives ``root``'s buffer."""
@@ -319,45 +332,52 @@ class Comm:
             self._count(0, buf.numel())
 
         def wait() -> torch.Tensor:
-            with self.watch("MPI Ibcast"):
-                request.Wait()
+            self.complete("MPI Bcast", request)
             return result()
         return Pending(wait, request.Test)
 
-    def alltoallv(self, send: torch.Tensor, send_counts: List[int], recv_counts: List[int]) -> torch.Tensor:
+    def alltoallv(self, send: torch.Tensor, send_counts: List[int], recv_counts: List[int],
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Rank j gets ``send[offset_j : offset_j + send_counts[j]]`` from every rank, concatenated in rank order."""
-        into, result = self.staging.recv(sum(recv_counts), torch.uint8, send.device)
-        with self.watch("MPI Alltoallv"):
-            self.mpi.Alltoallv([self.staging.send(send), send_counts], [into, recv_counts])
+        if self.size == 1:
+            return send
+        into, result = self._receive_into(out, sum(recv_counts), send.device)
+        self.complete("MPI Alltoallv", self.mpi.Ialltoallv([self.staging.send(send), send_counts], [into, recv_counts]))
         self._count(sum(send_counts) - send_counts[self.rank], sum(recv_counts) - recv_counts[self.rank])
         return result()
 
-    def allgatherv(self, send: torch.Tensor, counts: List[int]) -> torch.Tensor:
-        """Every rank's buffer (rank r's of ``counts[r]`` bytes), concatenated in rank order on all ranks."""
-        into, result = self.staging.recv(sum(counts), torch.uint8, send.device)
-        with self.watch("MPI Allgatherv"):
-            self.mpi.Allgatherv(self.staging.send(send), [into, counts])
+    def allgatherv(self, send: torch.Tensor, counts: List[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Every rank's buffer (rank r's of ``counts[r]`` bytes), concatenated in rank order on all ranks.
+        Where ``send`` already lies at this rank's place in ``out`` (CPU), it is not copied (MPI_IN_PLACE)."""
+        if self.size == 1:
+            return send
+        into, result = self._receive_into(out, sum(counts), send.device)
+        at = sum(counts[:self.rank])
+        in_place = (out is not None and out.device.type == "cpu" and send.numel() == counts[self.rank]
+                    and send.numel() > 0 and send.data_ptr() == out[at:].data_ptr())
+        self.complete("MPI Allgatherv",
+                      self.mpi.Iallgatherv(self.MPI.IN_PLACE if in_place else self.staging.send(send), [into, counts]))
         self._count((self.size - 1) * send.numel(), sum(counts) - counts[self.rank])
         return result()
 
     def send(self, buf: torch.Tensor, dest: int) -> None:
-        with self.watch(f"MPI Send to rank {dest}"):
-            self.mpi.Send(self.staging.send(buf), dest=dest)
+        self.complete(f"MPI Send to rank {dest}", self.mpi.Isend(self.staging.send(buf), dest=dest))
         self._count(buf.numel(), 0)
 
-    def recv(self, nbytes: int, source: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    def recv(self, nbytes: int, source: int, device: torch.device | str = "cpu",
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``nbytes`` from ``source``, as a uint8 tensor on ``device``."""
-        into, result = self.staging.recv(nbytes, torch.uint8, torch.device(device))
-        with self.watch(f"MPI Recv from rank {source}"):
-            self.mpi.Recv(into, source=source)
+        into, result = self._receive_into(out, nbytes, torch.device(device))
+        self.complete(f"MPI Recv from rank {source}", self.mpi.Irecv(into, source=source))
         self._count(0, nbytes)
         return result()
 
-    def sendrecv(self, buf: torch.Tensor, dest: int, nbytes: int, source: int) -> torch.Tensor:
+    def sendrecv(self, buf: torch.Tensor, dest: int, nbytes: int, source: int,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Send ``buf`` to ``dest`` while receiving ``nbytes`` from ``source`` (no deadlock in a ring)."""
-        into, result = self.staging.recv(nbytes, torch.uint8, buf.device)
-        with self.watch(f"MPI Sendrecv with ranks {dest}/{source}"):
-            self.mpi.Sendrecv(self.staging.send(buf), dest=dest, recvbuf=into, source=source)
+        into, result = self._receive_into(out, nbytes, buf.device)
+        self.complete(f"MPI Sendrecv with ranks {dest}/{source}", self.mpi.Irecv(into, source=source),
+                      self.mpi.Isend(self.staging.send(buf), dest=dest))
         self._count(buf.numel(), nbytes)
         return result()
 
@@ -365,8 +385,7 @@ class Comm:
         """MPI's Allreduce (sum) of a float32 tensor over this communicator, in place (not counted:
         the caller counts it as a ring allreduce)."""
         into, result = self.staging.inplace(t, fill=True)
-        with self.watch("MPI Allreduce"):
-            self.mpi.Allreduce(self.MPI.IN_PLACE, into, op=self.MPI.SUM)
+        self.complete("MPI Allreduce", self.mpi.Iallreduce(self.MPI.IN_PLACE, into, op=self.MPI.SUM))
         return result()
 
     def count_ring_allreduce(self, wire: torch.Tensor) -> None:
@@ -380,8 +399,7 @@ class Comm:
         """The element-wise maximum of an int vector over the ranks (one small allreduce)."""
         mine = np.asarray(values, dtype=np.int32)
         out = np.empty_like(mine)
-        with self.watch("MPI Allreduce (step agreement)"):
-            self.mpi.Allreduce(mine, out, op=self.MPI.MAX)
+        self.complete("MPI Allreduce (step agreement)", self.mpi.Iallreduce(mine, out, op=self.MPI.MAX))
         return out.tolist()
 
     def allgather_obj(self, obj: Any) -> List[Any]:

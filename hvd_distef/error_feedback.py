@@ -69,11 +69,17 @@ class ErrorMemory:
     Where the compressor defers e <- p − Δ (``Compressor.defers_settle``), the buffer holds p
     between steps and the Δ still to subtract is kept per shard; the next step subtracts it in the
     same pass, and reading ``error`` subtracts it first, so what anyone sees is always e.
+
+    With a ``Compressor.lossless`` compressor (``none``) e starts at zero and stays exactly zero
+    (p = d + r·0 = d, e = p − p = 0), so its steps touch no memory at all: Δ = C(d). The memory
+    knows it is zero until a lossy step, a taken-ahead step or a loaded non-zero error says otherwise
+    (what ``Untouched`` and ``Rollback`` put back was read while it was zero: zeros).
     """
 
     def __init__(self, numel: int, device: torch.device | str = "cpu"):
         self._buffer = torch.zeros(numel, dtype=torch.float32, device=device)
         self._unsettled: Dict[Tuple[int, int], Tuple[Compressor, Payload]] = {}  # (start, stop) -> (compressor, Δ)
+        self._zero = True  # every element is zero (``lossless`` steps skip the memory)
 
     @property
     def error(self) -> torch.Tensor:
@@ -92,11 +98,16 @@ class ErrorMemory:
         return self._unsettled.pop(where, (None, None))[1]
 
     def step(self, compressor: Compressor, d: torch.Tensor, segments: Segments,
-             shards: Sequence[Shard]) -> List[Payload]:
-        """p = d + (η_{t-1}/η_t)·e;  Δ = C(p);  e <- p − Δ, one payload per shard of d."""
+             shards: Sequence[Shard], d_is_scratch: bool = False) -> List[Payload]:
+        """p = d + (η_{t-1}/η_t)·e;  Δ = C(p);  e <- p − Δ, one payload per shard of d.
+        ``d_is_scratch``: the caller no longer needs d, and p may be written over it (no new vector)."""
+        if compressor.lossless and self._zero:  # e = 0 stays 0: p = d and Δ = C(d)
+            return [compressor.compress(d[s.start:s.stop], s.block_sizes) for s in shards]
+        self._zero = False
         return [self._kept(compressor, (s.start, s.stop), compressor.compress_with_feedback(
                     d[s.start:s.stop], self._buffer[s.start:s.stop], s.block_sizes,
-                    window(segments, s.start, s.stop), self._take_unsettled((s.start, s.stop))))
+                    window(segments, s.start, s.stop), self._take_unsettled((s.start, s.stop)),
+                    scratch=d[s.start:s.stop] if d_is_scratch else None))
                 for s in shards]
 
     def step_ahead(self, shards: Sequence[Shard], spare: torch.Tensor, compress) -> Optional[List[Payload]]:
@@ -120,16 +131,22 @@ class ErrorMemory:
         memory; returns the former buffer, free for other use."""
         if sum(s.numel for s in shards) != self._buffer.numel() or spare.shape != self._buffer.shape:
             raise ValueError("a step taken ahead must cover the whole memory")
-        old, self._buffer = self._buffer, spare
+        old, self._buffer, self._zero = self._buffer, spare, False
         self._unsettled = {(s.start, s.stop): (compressor, p) for s, p in zip(shards, payloads)}
         return old
 
     def mean_step(self, compressor: Compressor, payloads: Sequence[Payload], segments: Segments,
-                  block_sizes: Sequence[int]) -> Payload:
-        """The server's step: p = (1/M)·Σ_i Δ_i + (η_{t-1}/η_t)·e;  Δ = C(p);  e <- p − Δ (whole memory)."""
+                  block_sizes: Sequence[int], scratch: Optional[torch.Tensor] = None) -> Payload:
+        """The server's step: p = (1/M)·Σ_i Δ_i + (η_{t-1}/η_t)·e;  Δ = C(p);  e <- p − Δ (whole memory).
+        ``scratch``: a float32 vector of the memory's length for the mean and p (else a new one); the
+        payload may be a view of it."""
+        if compressor.lossless and self._zero:  # e = 0 stays 0: Δ = C(mean)
+            return compressor.compress(compressor.decompress_mean(payloads, out=scratch), block_sizes)
+        self._zero = False
         whole = (0, self._buffer.numel())
         return self._kept(compressor, whole, compressor.mean_with_feedback(payloads, self._buffer, block_sizes,
-                                                                           segments, self._take_unsettled(whole)))
+                                                                           segments, self._take_unsettled(whole),
+                                                                           scratch=scratch))
 
     def keep(self, start: int, stop: int, store: torch.Tensor) -> dict:
         """What [start, stop) of the memory holds now, for ``put_back``: its buffer copied into
@@ -165,3 +182,4 @@ class ErrorMemory:
         self.check_state(error)
         self._unsettled.clear()
         self._buffer.copy_(error)
+        self._zero = not bool(self._buffer.any())

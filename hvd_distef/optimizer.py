@@ -220,7 +220,6 @@ class DistributedOptimizer(torch.optim.SGD):
         # changes nothing
         self._momentum = DoubleBuffer(self.numel, self.device) if own_update else None
         self._wd_buffer = zeros() if own_update else None
-        self._scratch = zeros() if self._rule == "signum" else None
         if own_update:  # what opt.state[p] shows (``_initialize_state``)
             self._momentum_views = [self._layout.views(b) for b in self._momentum.buffers]
             self._wd_views = self._layout.views(self._wd_buffer)
@@ -485,13 +484,21 @@ class DistributedOptimizer(torch.optim.SGD):
                 self._exchange_bucket(k, segments, idle)
         if self._momentum is not None:
             self._momentum.keep(idle)  # idle parameters keep their momentum (SPEC §5a)
-        if self._rule == "sgd":
-            self._layout.write_grads(self._delta, decision.has_grad)
+        if self._rule == "sgd" and not self._grads_as_averaged(decision.has_grad):
+            self._layout.write_grads(self._grad, decision.has_grad)
         update = None if self._rule == "sgd" else self._delta
         pieces = self._received_pieces(expose) if self._update_decompresses else None
         if expose and update is not None:
             self._layout.write_grads(update, decision.has_grad)
         return _Exchanged(update, untouched, expose and update is not None, skipped=False, pieces=pieces)
+
+    def _grads_as_averaged(self, has_grad: List[bool]) -> bool:
+        """Whether p.grad already holds what the allreduce gave (sgd): one rank, whose average is its
+        own gradient, read unscaled (no AMP scale) from dense gradients where it has them; then
+        writing ``self._grad`` back into p.grad would copy each gradient onto itself."""
+        return (self.comm.size == 1 and getattr(self, "grad_scale", None) is None
+                and all((p.grad is not None and not p.grad.is_sparse) == h
+                        for p, h in zip(self._layout.params, has_grad)))
 
     def _is_state_initialization(self) -> bool:
         """horovod.torch's ``broadcast_optimizer_state`` calls step() once on a fresh optimizer with
@@ -648,7 +655,8 @@ class DistributedOptimizer(torch.optim.SGD):
     def _exchange_bucket(self, k: int, segments: Segments, idle: List[Range], on_wire: bool = False,
                          zeros_if_refused: bool = False) -> Optional[ValueError]:
         """The first half of the step on bucket k, its gradients in ``self._grad``: its slice of
-        ``self._delta`` gets Δ̃ (ef), the vote (signum) or the averaged gradient (sgd). ``on_wire``:
+        ``self._delta`` gets Δ̃ (ef) or the vote (signum); under sgd the averaged gradient replaces the
+        gradients in ``self._grad`` (Horovod's allreduce runs in place there: no copy). ``on_wire``:
         see ``_exchange_payloads``. ``zeros_if_refused`` (a step that every rank agrees on later):
         where the worker's compressor refuses p (it overflowed float32), zeros go out instead, as the
         other ranks are in this bucket's collectives, and the refusal is returned."""
@@ -657,13 +665,12 @@ class DistributedOptimizer(torch.optim.SGD):
         if self._rule == "sgd":
             with self._timed("exchange"):
                 averaged = bucket.topology.exchange(self._grad[a:b])
-            if averaged.data_ptr() != self._delta[a:b].data_ptr():
-                self._delta[a:b].copy_(averaged)
+            if averaged.data_ptr() != self._grad[a:b].data_ptr():
+                self._grad[a:b].copy_(averaged)
             return
         if self._rule == "signum":
-            self._signum_momentum(a, b)
             with self._timed("compress"):
-                signs = _kernels.pack_signs(self._grad[a:b])
+                signs = self._signum_momentum(a, b)
             with self._timed("exchange"):
                 bucket.topology.exchange(signs)
             return
@@ -672,15 +679,18 @@ class DistributedOptimizer(torch.optim.SGD):
                 self._grad[max(lo, a):min(hi, b)].zero_()
         refused = None
         with self._timed("compress"):
+            # d is read once: p may be written over it (``self._grad`` is refilled by the next step)
             try:
-                payloads = self._worker_memory.step(self._worker_compressor, self._grad, segments, bucket.worker_shards)
+                payloads = self._worker_memory.step(self._worker_compressor, self._grad, segments, bucket.worker_shards,
+                                                    d_is_scratch=True)
             except ValueError as exc:
                 if not zeros_if_refused:
                     raise
                 refused = exc
                 self._grad[a:b].zero_()
                 self._worker_memory.clear(a, b)  # the step is put back (Rollback)
-                payloads = self._worker_memory.step(self._worker_compressor, self._grad, segments, bucket.worker_shards)
+                payloads = self._worker_memory.step(self._worker_compressor, self._grad, segments, bucket.worker_shards,
+                                                    d_is_scratch=True)
         self._exchange_payloads(k, payloads, segments, on_wire)
         return refused
 
@@ -716,16 +726,12 @@ class DistributedOptimizer(torch.optim.SGD):
             if start < b and stop > a:
                 yield max(start, a), min(stop, b), group
 
-    def _signum_momentum(self, a: int, b: int) -> None:
-        """Signum: m' = μ·m + (1−μ)·g into the momentum's next buffer and ``self._grad[a:b]``."""
-        for start, stop, group in self._group_slices(a, b):
-            mu = group["momentum"]
-            m, m_next = self._momentum.current[start:stop], self._momentum.next[start:stop]
-            if mu == 0:
-                m_next.copy_(m)
-                continue
-            g = self._grad[start:stop]
-            g.copy_(torch.mul(m, mu, out=m_next).add_(torch.mul(g, 1 - mu, out=self._scratch[start:stop])))
+    def _signum_momentum(self, a: int, b: int) -> torch.Tensor:
+        """Signum: m' = μ·m + (1−μ)·g (g in ``self._grad[a:b]``) into the momentum's next buffer, in one
+        pass that also packs the signs to send (of m', or of g where μ = 0); returns them."""
+        segments = [(start - a, stop - a, group["momentum"]) for start, stop, group in self._group_slices(a, b)]
+        return _kernels.signum_momentum(self._grad[a:b], self._momentum.current[a:b], self._momentum.next[a:b],
+                                        segments)
 
     # --- the step: update ---------------------------------------------------------------------------
     def _amp_found_inf(self) -> bool:
@@ -811,8 +817,11 @@ class DistributedOptimizer(torch.optim.SGD):
         ones, and with ``overlap=True`` of those whose buckets ``step()`` exchanged again because
         something changed after backward), and seconds spent compressing on the worker (with the
         worker's step taken ahead, the pass that also reads the gradients and steps the momentum)
-        and in the exchange (communication and the server step)."""
+        and in the exchange (communication and the server step). ``bytes_source`` says whether the
+        bytes were measured at the MPI boundary or computed (``allreduce``: SPEC §3's ring formula,
+        as the allreduce runs inside Horovod or MPI)."""
         return {"bytes_sent": self.comm.bytes_sent, "bytes_received": self.comm.bytes_received,
+                "bytes_source": get_topology(self._topology_name).bytes_source,
                 "steps": self._steps, "skipped_steps": self._skipped_steps, "redone_steps": self._redone_steps,
                 "compress_time_s": self._seconds["compress"], "exchange_time_s": self._seconds["exchange"]}
 

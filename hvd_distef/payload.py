@@ -52,8 +52,11 @@ class Payload:
 
     def to_bytes(self) -> torch.Tensor:
         """The payload as one contiguous uint8 tensor on its fields' device, fields in layout order
-        (``Comm`` stages CUDA bytes for MPI)."""
+        (``Comm`` stages CUDA bytes for MPI). A payload of one contiguous field (``none``, ``fp16``) is
+        a view of it, not a copy: valid while that field is."""
         parts = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in self.tensors.values()]
+        if len(parts) == 1:
+            return parts[0]
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
 
     @classmethod

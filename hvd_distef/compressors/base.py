@@ -29,6 +29,9 @@ class Compressor:
     #: call (``unsettled``) or to ``settle``: one pass over memory instead of two (ErrorMemory
     #: keeps track; SPEC §1 is unchanged)
     defers_settle: ClassVar[bool] = False
+    #: whether C(x) = x exactly for every finite x (``none``): under error feedback the errors then
+    #: stay exactly zero, and ``ErrorMemory`` skips the compensation and the residual (p = d)
+    lossless: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -48,7 +51,8 @@ class Compressor:
 
     def decompress_into(self, payload: Payload, out: torch.Tensor) -> torch.Tensor:
         """``decompress`` written into ``out`` (a float32 vector of payload.numel), which is returned.
-        Topologies call it every step with the same buffer; override it to skip the copy."""
+        Topologies call it every step with the same buffer; override it to skip the copy (and the
+        allocation of a vector of numel floats: on the CPU a fresh one page-faults every step)."""
         return out.copy_(self.decompress(payload))
 
     # --- shared machinery ------------------------------------------------------------------
@@ -58,31 +62,47 @@ class Compressor:
         return [total] if total else []
 
     def compress_with_feedback(self, d: torch.Tensor, error: torch.Tensor, block_sizes: Sequence[int],
-                               segments: _kernels.Segments, unsettled: Optional[Payload] = None) -> Payload:
+                               segments: _kernels.Segments, unsettled: Optional[Payload] = None,
+                               scratch: Optional[torch.Tensor] = None) -> Payload:
         """One error-feedback step: p = d + r·e; Δ = C(p); e <- p - Δ (in place). Returns Δ's payload.
-        ``unsettled``: the previous step's Δ when ``error`` still holds its p (``defers_settle``)."""
+        ``unsettled``: the previous step's Δ when ``error`` still holds its p (``defers_settle``).
+        ``scratch``: a float32 vector of d's length to hold p (``d`` itself where the caller no longer
+        needs d), instead of a new one; ``error`` is written only once C(p) succeeded."""
         if unsettled is not None:
             self.settle(error, unsettled)
-        p = _kernels.compensate(d, error, segments)
+        p = _kernels.compensate(d, error, segments, out=scratch)
         payload = self.compress(p, block_sizes)
-        torch.sub(p, self.decompress(payload), out=error)
+        self.residual(p, payload, error)
         return payload
 
     def mean_with_feedback(self, payloads: Sequence[Payload], error: torch.Tensor, block_sizes: Sequence[int],
-                           segments: _kernels.Segments, unsettled: Optional[Payload] = None) -> Payload:
-        """The server's error-feedback step: p = (1/M)·Σ_i decompress(payload_i) + r·e;  C(p);  e <- p − C(p)."""
-        return self.compress_with_feedback(self.decompress_mean(payloads), error, block_sizes, segments, unsettled)
+                           segments: _kernels.Segments, unsettled: Optional[Payload] = None,
+                           scratch: Optional[torch.Tensor] = None) -> Payload:
+        """The server's error-feedback step: p = (1/M)·Σ_i decompress(payload_i) + r·e;  C(p);  e <- p − C(p).
+        ``scratch``: a float32 vector of the payloads' length for the mean and p (else a new one)."""
+        mean = self.decompress_mean(payloads, out=scratch)
+        return self.compress_with_feedback(mean, error, block_sizes, segments, unsettled, scratch=mean)
+
+    def residual(self, p: torch.Tensor, payload: Payload, out: torch.Tensor) -> torch.Tensor:
+        """e = p − decompress(payload) into ``out`` (not p), the last line of an error step. Override it
+        where Δ is cheaper to subtract than to decompress (a sparse Δ, a float16 one)."""
+        return torch.sub(p, self.decompress_into(payload, out), out=out)
 
     def settle(self, error: torch.Tensor, payload: Payload) -> None:
         """e <- p − Δ: the last line of an error step, where ``error`` holds p and ``payload`` is Δ."""
         error.sub_(self.decompress(payload))
 
-    def decompress_mean(self, payloads: Sequence[Payload]) -> torch.Tensor:
-        """(1/M)·Σ_i decompress(payload_i)."""
-        acc = self.decompress(payloads[0]).clone()
-        for p in payloads[1:]:
+    def decompress_mean(self, payloads: Sequence[Payload], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(1/M)·Σ_i decompress(payload_i), in the order ((Δ_0 + Δ_1) + ...)/M, into ``out`` when given
+        (a float32 vector of the payloads' length; else a new one). One payload is its own mean (x/1 = x)."""
+        first, rest = payloads[0], payloads[1:]
+        if out is not None and rest:  # Δ_0 + Δ_1 written once, not copied then added to
+            acc, rest = torch.add(self.decompress(first), self.decompress(rest[0]), out=out), rest[1:]
+        else:
+            acc = self.decompress(first).clone() if out is None else self.decompress_into(first, out)
+        for p in rest:
             acc.add_(self.decompress(p))
-        return acc.div_(len(payloads))
+        return acc.div_(len(payloads)) if len(payloads) > 1 else acc
 
     def for_stream(self, stream: int) -> "Compressor":
         """A copy for one role (a worker rank or the server) with its own random stream."""

@@ -94,16 +94,17 @@ class BlockSign(Compressor):
     def decompress_into(self, payload: Payload, out: torch.Tensor) -> torch.Tensor:
         if payload.numel == 0:
             return out
-        if "values" in payload.tensors:
-            return out.copy_(payload["values"])
+        if "values" in payload.tensors:  # raw; received in place where it is decompressed (``Topology.landing``)
+            values = payload["values"]
+            return out if values.data_ptr() == out.data_ptr() else out.copy_(values)
         return _kernels.blocksign_decompress(payload["scales"], payload["bits"], payload.block_sizes, payload.numel,
                                              out=out)
 
-    def compress_with_feedback(self, d, error, block_sizes, segments, unsettled=None) -> Payload:
+    def compress_with_feedback(self, d, error, block_sizes, segments, unsettled=None, scratch=None) -> Payload:
         if d.numel() == 0:
             return self._empty(d)
         if self.is_raw(d.numel(), block_sizes):  # the generic step: e <- p − p = 0
-            return super().compress_with_feedback(d, error, block_sizes, segments, unsettled)
+            return super().compress_with_feedback(d, error, block_sizes, segments, unsettled, scratch)
         scales, bits = _kernels.blocksign_feedback(d, error, block_sizes, segments, *self._fields(unsettled))
         return self._payload(d.numel(), block_sizes, scales, bits)
 
@@ -122,11 +123,11 @@ class BlockSign(Compressor):
             *self._fields(unsettled), inv_scale=inv_scale)
         return self._payload(error.numel(), block_sizes, scales, bits) if usable else None
 
-    def mean_with_feedback(self, payloads, error, block_sizes, segments, unsettled=None) -> Payload:
+    def mean_with_feedback(self, payloads, error, block_sizes, segments, unsettled=None, scratch=None) -> Payload:
         if error.numel() == 0:
             return self._empty(error)
         if self.is_raw(error.numel(), block_sizes):
-            return super().mean_with_feedback(payloads, error, block_sizes, segments, unsettled)
+            return super().mean_with_feedback(payloads, error, block_sizes, segments, unsettled, scratch)
         scales, bits = _kernels.blocksign_server_feedback([p["scales"] for p in payloads], [p["bits"] for p in payloads],
                                                           error, block_sizes, segments, *self._fields(unsettled))
         return self._payload(error.numel(), block_sizes, scales, bits)
@@ -139,12 +140,12 @@ class BlockSign(Compressor):
     def _fields(payload: Optional[Payload]) -> tuple:
         return (None, None) if payload is None else (payload["scales"], payload["bits"])
 
-    def decompress_mean(self, payloads: Sequence[Payload]) -> torch.Tensor:
+    def decompress_mean(self, payloads: Sequence[Payload], out: Optional[torch.Tensor] = None) -> torch.Tensor:
         first = payloads[0]
         if first.numel == 0 or "values" in first.tensors:
-            return super().decompress_mean(payloads)
+            return super().decompress_mean(payloads, out)
         return _kernels.blocksign_decompress_mean([p["scales"] for p in payloads], [p["bits"] for p in payloads],
-                                                  first.block_sizes, first.numel)
+                                                  first.block_sizes, first.numel, out=out)
 
     def _empty(self, x: torch.Tensor) -> Payload:
         return self._payload(0, (), x.new_zeros(0), torch.zeros(0, dtype=torch.uint8, device=x.device))

@@ -55,6 +55,9 @@ class QSGD(Compressor):
     def decompress(self, payload: Payload) -> torch.Tensor:
         return payload["levels"].to(torch.float32) * (payload["norm"] / self.levels)
 
+    def decompress_into(self, payload: Payload, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(payload["levels"]).mul_(payload["norm"] / self.levels)  # as ``decompress``, in place
+
     def state_dict(self) -> dict:
         return {"calls": self._calls}
 

@@ -30,10 +30,24 @@ class _KSparse(Compressor):
                              f"({numel} elements); lower k or use ratio=")
         return self.k
 
-    def _scatter(self, payload: Payload, indices: torch.Tensor) -> torch.Tensor:
+    def _scatter(self, payload: Payload, indices: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         values = payload["values"]
-        out = torch.zeros(payload.numel, dtype=torch.float32, device=values.device)
+        out = (torch.zeros(payload.numel, dtype=torch.float32, device=values.device) if out is None
+               else out.zero_())
         return out.index_put_((indices.long(),), values)
+
+    def _indices_of(self, payload: Payload) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decompress(self, payload: Payload) -> torch.Tensor:
+        return self._scatter(payload, self._indices_of(payload))
+
+    def decompress_into(self, payload: Payload, out: torch.Tensor) -> torch.Tensor:
+        return self._scatter(payload, self._indices_of(payload), out)
+
+    def residual(self, p: torch.Tensor, payload: Payload, out: torch.Tensor) -> torch.Tensor:
+        """p − Δ: p, with zeros where Δ kept p's own values (p_i − p_i = +0 for finite p_i)."""
+        return out.copy_(p).index_fill_(0, self._indices_of(payload).long(), 0.0)
 
 
 class TopK(_KSparse):
@@ -52,8 +66,8 @@ class TopK(_KSparse):
         return Payload(x.numel(), blocks_or_whole(x, block_sizes),
                        {"values": x[indices], "indices": indices.to(torch.int32)})
 
-    def decompress(self, payload: Payload) -> torch.Tensor:
-        return self._scatter(payload, payload["indices"])
+    def _indices_of(self, payload: Payload) -> torch.Tensor:
+        return payload["indices"]
 
 
 class RandomK(_KSparse):
@@ -66,13 +80,19 @@ class RandomK(_KSparse):
         super().__init__(ratio, k)
         self.seed = int(seed)
         self._calls = 0
+        self._drawn: Optional[tuple] = None  # (seed, numel, device, indices) of the last draw, reused
 
     def layout(self, numel: int, block_sizes: Sequence[int]) -> Layout:
         return (("seed", torch.int64, 1), ("values", torch.float32, self.num_kept(numel)))
 
     def _indices(self, seed: int, numel: int, device) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randperm(numel, generator=gen)[: self.num_kept(numel)].to(device)
+        """The coordinates of ``seed``; the last draw is kept, as the same seed is drawn again to
+        decompress and to subtract Δ from p in the step that compressed it (a full permutation each)."""
+        key = (seed, numel, torch.device(device))
+        if self._drawn is None or self._drawn[0] != key:
+            gen = torch.Generator().manual_seed(seed)
+            self._drawn = (key, torch.randperm(numel, generator=gen)[: self.num_kept(numel)].to(device))
+        return self._drawn[1]
 
     def compress(self, x: torch.Tensor, block_sizes: Optional[Sequence[int]] = None) -> Payload:
         check_flat(x)
@@ -82,9 +102,8 @@ class RandomK(_KSparse):
         return Payload(x.numel(), blocks_or_whole(x, block_sizes),
                        {"seed": torch.tensor([seed], dtype=torch.int64, device=x.device), "values": x[indices]})
 
-    def decompress(self, payload: Payload) -> torch.Tensor:
-        seed = int(payload["seed"][0])
-        return self._scatter(payload, self._indices(seed, payload.numel, payload["values"].device))
+    def _indices_of(self, payload: Payload) -> torch.Tensor:
+        return self._indices(int(payload["seed"][0]), payload.numel, payload["values"].device)
 
     def state_dict(self) -> dict:
         return {"calls": self._calls}

@@ -21,5 +21,6 @@ class Allgather(Topology):
 
     def exchange(self, payloads: List[Payload], segments: Segments) -> torch.Tensor:
         comm, s = self.comm, self.nbytes[0]
-        everything = comm.allgatherv(payloads[0].to_bytes(), [s] * comm.size)
-        return self.delta.copy_(self.compressor.decompress_mean(self.decode_many(everything)))
+        everything = comm.allgatherv(payloads[0].to_bytes(), [s] * comm.size,
+                                     out=self.buffer("allgather", comm.size * s) if comm.size > 1 else None)
+        return self.compressor.decompress_mean(self.decode_many(everything), out=self.delta)

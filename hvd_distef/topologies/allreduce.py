@@ -9,14 +9,15 @@ f/M after, as horovod.torch does). In fp16 the sum is formed in fp16, so the gra
 1/M before the cast (1/f when given) and saturated at ±65504/M, so that the fp16 sum of M terms is
 finite for every finite gradient.
 
-Bytes per step are the ring-allreduce volume, sent and received by every rank:
-2·(M−1)/M·(bytes per element)·d.
+Bytes per step are SPEC §3's ring-allreduce volume, sent and received by every rank,
+2·(M−1)/M·(bytes per element)·d: computed, not measured (the allreduce runs inside Horovod or MPI,
+whose algorithm we cannot see), and labelled so (``bytes_source``).
 """
 from __future__ import annotations
 
 import torch
 
-from .base import Topology
+from .base import RING_FORMULA, Topology
 
 FP16_MAX = 65504.0
 
@@ -24,6 +25,7 @@ FP16_MAX = 65504.0
 class Allreduce(Topology):
     name = "allreduce"
     update_rule = "sgd"
+    bytes_source = RING_FORMULA
 
     def __init__(self, comm, compressor, tensor_sizes, device="cpu", delta=None, op: str = "average",
                  predivide: float = 1.0):
@@ -45,7 +47,8 @@ class Allreduce(Topology):
         self.average, self.predivide = op == "average", predivide
 
     def exchange(self, grad: torch.Tensor, segments=None) -> torch.Tensor:
-        """The average (or sum) of every rank's gradient."""
+        """The average (or sum) of every rank's gradient, in place in ``grad`` (the optimizer's fused
+        buffer: no copy of a gradient's size)."""
         size = self.comm.size
         if size == 1:
             return grad
@@ -53,13 +56,13 @@ class Allreduce(Topology):
             # pre-scaled in float32 (1/M, or Horovod's 1/f), saturated, summed in fp16, post-scaled
             pre = (1.0 / (size if self.predivide == 1.0 else self.predivide)) if self.average else 1.0
             bound = FP16_MAX * (1 - 2.0 ** -10) / size  # M terms of at most this sum below fp16's inf
-            wire = torch.mul(grad, pre).clamp_(-bound, bound).to(torch.float16)
+            wire = torch.mul(grad, pre, out=grad).clamp_(-bound, bound).to(torch.float16)
             self._reduce(wire, average=False)
-            result = wire.to(torch.float32)
+            result = grad.copy_(wire)  # float16 -> float32 is exact
             if self.average and pre != 1.0 / size:
                 result.mul_(1.0 / (pre * size))
         else:
-            wire = result = grad.clone()
+            wire = result = grad
             self._reduce(result, self.average)
         self.comm.count_ring_allreduce(wire)
         return result

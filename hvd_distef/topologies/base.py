@@ -5,9 +5,11 @@ worker's payload for each, run the server step of SPEC §1 where their server ro
 return Δ̃. Baselines that replace the update rule say so in ``update_rule`` ("sgd" for stock
 allreduce SGDM, "signum" for majority vote) and exchange what that rule needs.
 
-Byte counters are measured, not computed: ``Comm`` counts the bytes of every buffer a topology
-hands to MPI that leaves or reaches this rank (gather, broadcast and allgather as the flat trees
-of point-to-point messages they stand for); the tests hold them to SPEC §3's formulas.
+Byte counters are measured, not computed, wherever a topology hands its buffers to MPI's
+point-to-point and rooted collectives itself: ``Comm`` counts the bytes of every buffer that leaves
+or reaches this rank (gather, broadcast and allgather as the flat trees of point-to-point messages
+they stand for); the tests hold them to SPEC §3's formulas. What an allreduce moves inside Horovod
+or MPI cannot be counted by us: such a topology says so in ``bytes_source`` (SPEC §5b).
 """
 from __future__ import annotations
 
@@ -21,12 +23,17 @@ from ..error_feedback import ErrorMemory, Segments, Shard, window
 from ..payload import Payload, layout_nbytes
 
 REGISTRY: Dict[str, Type["Topology"]] = {}
+#: ``Topology.bytes_source``: counted at the MPI boundary, or SPEC §3's ring-allreduce volume
+MEASURED = "measured"
+RING_FORMULA = "computed (ring formula)"
 
 
 class Topology:
     name: ClassVar[str] = ""
     #: which update the optimizer applies to what ``exchange`` returns: "ef" (SPEC §1), "sgd", "signum"
     update_rule: ClassVar[str] = "ef"
+    #: where ``comm_stats()``'s bytes come from: MEASURED, or a formula (``RING_FORMULA``)
+    bytes_source: ClassVar[str] = MEASURED
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -53,6 +60,7 @@ class Topology:
         # terms -> [nonzeros, elements] of the partial sums of that many workers' Δ_i that this rank
         # recompressed (ring and tree hops; the server's full sum too): how dense they get
         self.partial_sums: Dict[int, List[int]] = {}
+        self._buffers: Dict[str, torch.Tensor] = {}  # ``buffer``: receive buffers kept across steps
 
     def make_shards(self, tensor_sizes: Sequence[int]) -> List[Shard]:
         """How a worker's vector is cut into payloads: one shard by default."""
@@ -102,6 +110,36 @@ class Topology:
         return type(self).exchange is Topology.exchange
 
     # --- shared pieces -------------------------------------------------------------------------
+    def buffer(self, key: str, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of ``nbytes`` for what this topology receives as ``key``, allocated once and
+        reused every step (a fresh one of a gradient's size page-faults every step: more time than
+        the arithmetic). What was received in it is valid until the next exchange."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() != nbytes:
+            buf = self._buffers[key] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return buf
+
+    def landing(self, shard: int) -> torch.Tensor:
+        """Where Δ̃'s wire bytes of ``shard`` are received: straight into its slice of ``self.delta``
+        where the payload is the float32 vector itself (``none``; a raw blocksign shard), so that
+        decompressing it is no copy; else a kept buffer."""
+        s = self.shards[shard]
+        if self.raw(shard):
+            return self.delta[s.start:s.stop].view(torch.uint8)
+        return self.buffer(f"delta{shard}", self.nbytes[shard])
+
+    def raw(self, shard: int) -> bool:
+        """Whether ``shard``'s payload is its float32 vector itself (and not empty)."""
+        s = self.shards[shard]
+        return s.numel > 0 and self.layouts[shard] == (("values", torch.float32, s.numel),)
+
+    def scratch(self, shard: int = 0) -> torch.Tensor:
+        """A float32 vector of ``shard``'s length for the server step's mean and p̃ (and a reduction's
+        partial sums): its slice of ``self.delta``, which holds nothing yet (Δ̃ is decompressed into it
+        last)."""
+        s = self.shards[shard]
+        return self.delta[s.start:s.stop]
+
     def note_partial_sum(self, partial: torch.Tensor, terms: int) -> None:
         """Count the nonzeros of a partial sum of ``terms`` workers' Δ_i about to be compressed."""
         entry = self.partial_sums.setdefault(terms, [0, 0])
@@ -119,10 +157,11 @@ class Topology:
         return [self.decode(buf[i * n:(i + 1) * n], shard) for i in range(buf.numel() // n if n else self.comm.size)]
 
     def server_compress(self, mean: torch.Tensor, segments: Segments, shard: int = 0) -> Payload:
-        """The server step on a mean already computed (by a reduction tree or ring), on one shard."""
+        """The server step on a mean already computed (by a reduction tree or ring), on one shard;
+        ``mean`` is scratch (p̃ may be written over it)."""
         s = self.shards[shard]
         return self.server_memory.step(self.compressor, mean, window(segments, s.start, s.stop),
-                                       [Shard(0, s.numel, s.block_sizes)])[0]
+                                       [Shard(0, s.numel, s.block_sizes)], d_is_scratch=True)[0]
 
     def decode_shards(self, bufs: List[torch.Tensor]) -> List[Payload]:
         """The payload of every shard from its wire bytes, in shard order."""
@@ -138,7 +177,7 @@ class Topology:
         """SPEC §1, server: p̃ = (1/M)·Σ_i Δ_i + (η_{t-1}/η_t)·ẽ;  Δ̃ = C(p̃);  ẽ <- p̃ − Δ̃, on one shard."""
         s = self.shards[shard]
         return self.server_memory.mean_step(self.compressor, payloads, window(segments, s.start, s.stop),
-                                            s.block_sizes)
+                                            s.block_sizes, scratch=self.scratch(shard))
 
     def state_dict(self) -> dict:
         """The server error where this rank holds one."""

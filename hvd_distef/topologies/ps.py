@@ -31,8 +31,7 @@ class ParameterServer(Topology):
             self.server_memory = ErrorMemory(self.numel, self.device)
 
     def exchange_compressed(self, payloads: List[Payload], segments: Segments) -> List[Payload]:
-        broadcast = self._reduce_on_root(payloads, segments)
-        self.comm.bcast(broadcast, ROOT)
+        broadcast = self.comm.bcast(self._reduce_on_root(payloads, segments), ROOT)
         return self.decode_shards([broadcast])
 
     def start_exchange(self, payloads: List[Payload], segments: Segments) -> Pending:
@@ -45,7 +44,8 @@ class ParameterServer(Topology):
         """Every worker's Δ_i gathered on rank 0 and the server step there: Δ̃'s wire bytes on rank 0,
         a buffer for them elsewhere."""
         comm = self.comm
-        gathered = comm.gather(payloads[0].to_bytes(), ROOT)
+        gathered = comm.gather(payloads[0].to_bytes(), ROOT, out=self.buffer("gather", comm.size * self.nbytes[0])
+                               if comm.rank == ROOT and comm.size > 1 else None)
         if comm.rank == ROOT:
             return self.server_reduce(self.decode_many(gathered), segments).to_bytes()
-        return torch.empty(self.nbytes[0], dtype=torch.uint8, device=self.device)
+        return self.landing(0)

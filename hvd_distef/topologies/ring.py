@@ -26,20 +26,24 @@ class Ring(ShardPerRank):
         comm, me, M, sizes = self.comm, self.comm.rank, self.comm.size, self.nbytes
         right, left = (me + 1) % M, (me - 1) % M
         # Reduce-scatter: at hop k send chunk (me-k-1), receive chunk (me-k-2); rank me ends with chunk me.
+        # Partial sums of chunk j are formed in chunk j's slice of Δ̃'s buffer (``scratch``), which
+        # the allgather overwrites with Δ̃; what arrives waits in a kept buffer.
         outgoing = payloads[(me - 1) % M]
         for k in range(M - 1):
             in_chunk = (me - k - 2) % M
-            incoming = comm.sendrecv(outgoing.to_bytes(), right, sizes[in_chunk], left)
-            partial = self.compressor.decompress(self.decode(incoming, in_chunk)).clone()
+            incoming = comm.sendrecv(outgoing.to_bytes(), right, sizes[in_chunk], left,
+                                     out=self.buffer(f"hop{in_chunk}", sizes[in_chunk]))
+            partial = self.compressor.decompress_into(self.decode(incoming, in_chunk), self.scratch(in_chunk))
             partial.add_(self.compressor.decompress(payloads[in_chunk]))
             self.note_partial_sum(partial, k + 2)
             if k < M - 2:
                 block_sizes = self.shards[in_chunk].block_sizes
                 outgoing = self.compressor.compress(partial, block_sizes)  # no error memory here
-        mean = partial.div_(M) if M > 1 else self.compressor.decompress(payloads[me]).clone()
+        mean = partial.div_(M) if M > 1 else self.compressor.decompress_into(payloads[me], self.scratch(me))
         chunks = {me: self.server_compress(mean, segments, me).to_bytes()}
         # Allgather: at hop k send chunk (me-k), receive chunk (me-k-1).
         for k in range(M - 1):
             out_chunk, in_chunk = (me - k) % M, (me - k - 1) % M
-            chunks[in_chunk] = comm.sendrecv(chunks[out_chunk], right, sizes[in_chunk], left)
+            chunks[in_chunk] = comm.sendrecv(chunks[out_chunk], right, sizes[in_chunk], left,
+                                             out=self.landing(in_chunk))
         return self.decode_shards([chunks[j] for j in range(M)])

@@ -52,17 +52,19 @@ class Tree(Topology):
         comm, s = self.comm, self.nbytes[0]
         message = payloads[0]
         if self.children or self.parent is None:
-            partial = self.compressor.decompress(message).clone()
+            # the partial sum in Δ̃'s buffer (``scratch``), which Δ̃ overwrites once it comes down
+            partial = self.compressor.decompress_into(message, self.scratch())
             for child in self.children:
-                partial.add_(self.compressor.decompress(self.decode(comm.recv(s, child, self.device))))
+                partial.add_(self.compressor.decompress(self.decode(comm.recv(s, child, self.device,
+                                                                              out=self.buffer("child", s)))))
             self.note_partial_sum(partial, self.subtree_size)
             if self.parent is None:
-                message = self.server_compress(partial.div_(comm.size), segments)
+                message = self.server_compress(partial.div_(comm.size) if comm.size > 1 else partial, segments)
             else:
                 message = self.compressor.compress(partial, self.block_sizes)  # no error memory here
         if self.parent is not None:
-            comm.send(message.to_bytes(), self.parent)
-            down = comm.recv(s, self.parent, self.device)
+            comm.send(message.to_bytes(), self.parent)  # returns once sent: ``partial`` is free again
+            down = comm.recv(s, self.parent, self.device, out=self.landing(0))
         else:
             down = message.to_bytes()
         for child in reversed(self.children):
