@@ -8,7 +8,9 @@ from hvd_distef import _kernels
 from hvd_distef import _torch_kernels as ref
 
 cpp = _kernels.compiled
-pytestmark = pytest.mark.skipif(cpp is None, reason="cpp_ops is not built (or HVD_DISTEF_FORCE_TORCH is set)")
+pytestmark = pytest.mark.skipif(cpp is None, reason=f"no compiled kernels to test: "
+                                f"{_kernels.import_error or _kernels.FORCE_TORCH_ENV + ' is set'} "
+                                f"(tests/test_build.py fails where cpp_ops did not build)")
 
 
 def rand(n, seed=0):

@@ -3,8 +3,9 @@ import pytest
 
 from conftest import assert_case, cases_fixture
 
-CASES = ["sharded_equals_ps", "majority_vote_matches_signum_simulation", "allgather_matches_one_way_error_feedback",
-         "tree_descends_quadratic", "ring_descends_quadratic", "comm_stats_allreduce", "comm_stats_ps",
+CASES = ["sharded_equals_ps", "ps_none_equals_torch_sgd", "tree_none_equals_ps", "ring_none_equals_ps",
+         "majority_vote_matches_signum_simulation", "allgather_matches_one_way_error_feedback",
+         "tree_descends_quadratic", "ring_descends_quadratic", "comm_stats_ps",
          "comm_stats_sharded", "comm_stats_ring", "comm_stats_tree", "comm_stats_allgather",
          "comm_stats_majority_vote", "sharded_bytes_near_spec_formula", "scalars_go_raw",
          "partial_sum_density_by_hop"]

@@ -16,11 +16,21 @@ import cluster  # noqa: E402
 WHY = cluster.can_run()
 
 
+def _qdiscs(dev, ns=None):
+    cmd = ["tc", "qdisc", "show", "dev", dev]
+    return subprocess.run(["ip", "netns", "exec", ns, *cmd] if ns else cmd, capture_output=True, text=True).stdout
+
+
 @pytest.mark.skipif(WHY is not None, reason=f"no network namespaces here: {WHY}")
 def test_two_ranks_on_a_slow_link(tmp_path):
+    """Both ends of every link shaped to the rate asked for, a few steps of two topologies run across
+    them (ranks bound to distinct cores), and nothing left behind. How fast the steps are is
+    benchmarks/netem's to measure, not a test's."""
     out = tmp_path / "records.jsonl"
     with cluster.EmulatedCluster(2, rate="50mbit") as c:
-        start = time.monotonic()
+        for i, ns in enumerate(c.names):
+            for shaped in (_qdiscs("eth0", ns), _qdiscs(f"{cluster.PREFIX}v{i}")):
+                assert "qdisc tbf 1: root" in shaped and "rate 50Mbit" in shaped, shaped
         proc = c.mpirun([sys.executable, str(ROOT / "benchmarks" / "netem" / "bench_step.py"), "--params", "2e5",
                          "--topologies", "allreduce", "ps", "--steps", "2", "--rate", "50mbit", "--out", str(out)],
                         timeout=240)
@@ -34,12 +44,13 @@ def test_two_ranks_on_a_slow_link(tmp_path):
         cores = sorted(os.sched_getaffinity(0))
         assert sorted(bound.stdout.split("\n")[:-1]) == [f"{i} {cores[i % len(cores)]}" for i in range(2)]
     records = {r["topology"]: r for r in map(json.loads, out.read_text().splitlines())}
-    d = records["ps"]["params"]
-    assert records["allreduce"]["bytes_sent_per_step"] == pytest.approx(4 * d)  # 2·(M−1)/M·4d at M = 2
-    # 800 kB each way at 50 Mbit/s takes at least 0.12 s: the link really is shaped
-    assert records["allreduce"]["step_time_median_s"] > 0.12
-    assert records["ps"]["step_time_median_s"] < records["allreduce"]["step_time_median_s"]
-    assert time.monotonic() - start < 200
+    assert sorted(records) == ["allreduce", "ps"]
+    assert all(len(r["step_times_s"]) == 2 for r in records.values())
+    # ps + blocksign, bytes we hand to MPI: rank 0 sends Δ̃ to and receives Δ from its one peer, each
+    # ceil(d/8) sign bytes and a float32 scale per tensor (SPEC §3)
+    ps = records["ps"]
+    s = -(-ps["params"] // 8) + 4 * ps["tensors"]
+    assert ps["bytes_sent_per_step"] == ps["bytes_received_per_step"] == ps["max_bytes_sent_per_step"] == s
     leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert cluster.PREFIX not in leftovers and cluster.MARK not in open("/etc/hosts").read()
     assert subprocess.run(["ip", "link", "show", cluster.BRIDGE], capture_output=True).returncode != 0

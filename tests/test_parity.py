@@ -3,6 +3,7 @@
 import pytest
 
 from conftest import assert_case, cases_fixture
+from hvd_distef import _kernels
 
 CASES = ["frozen_and_gradless_parameters_untouched_every_way", "frozen_parameters_under_allreduce_equal_stock_horovod",
          "step_with_no_gradients_changes_nothing", "param_groups_are_shared", "hyperparameters_change_at_run_time",
@@ -18,9 +19,16 @@ CASES = ["frozen_and_gradless_parameters_untouched_every_way", "frozen_parameter
          "many_optimizers_share_one_communicator_and_watchdog", "user_compressor_with_arbitrary_attributes"]
 
 
+#: compiled kernels against the torch path: with the torch path forced, there is nothing to compare
+#: (where the extension did not build, these fail, as tests/test_build.py does)
+COMPILED_VS_TORCH = {"update_decompressing_payloads_equals_decompressed_update",
+                     "worker_step_ahead_equals_the_two_passes"}
+
 results = cases_fixture("check_parity.py")
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_parity(results, case):
+    if case in COMPILED_VS_TORCH and _kernels._forced_torch():
+        pytest.skip(f"{_kernels.FORCE_TORCH_ENV} is set: no compiled kernels to compare the torch path with")
     assert_case(results, case)

@@ -1,9 +1,10 @@
 """Who initializes MPI decides who finalizes it (hvd_distef/comm.py, ``initialize_mpi``).
 
-``after-peer-ends``: the usual order (hvd_distef imported, then hvd.init()). Rank 0 ends right after
-the last step; rank 1 waits until rank 0 has reached its exit and Horovod has shut down everywhere
-(one rank's shutdown stops every rank's Horovod), then still talks MPI: the last messages of a rank
-on a slower link do. Were MPI Horovod's, Horovod's thread would have finalized it under rank 1.
+``after-peer-ends`` (3 ranks): the usual order (hvd_distef imported, then hvd.init()). After the last
+step rank 0 sends each peer a last message over COMM_WORLD and ends; ranks 1 and 2 wait until rank 0
+has reached its exit and Horovod has shut down everywhere (one rank's shutdown stops every rank's
+Horovod), then receive it and exchange messages with each other over COMM_WORLD: the last messages of
+ranks on a slower link do. Were MPI Horovod's, Horovod's thread would have finalized it under them.
 
 ``horovod-first``: hvd.init() before importing hvd_distef: every rank refuses to build an optimizer.
 """
@@ -28,13 +29,19 @@ except hvd_distef.HvdDistefError as exc:
     sys.exit(0)
 model(torch.randn(3, 4)).sum().backward()
 opt.step()
-if hvd.rank() == 0:
+from mpi4py import MPI  # noqa: E402
+
+world, rank = MPI.COMM_WORLD, hvd.rank()
+if rank == 0:
+    for peer in range(1, world.size):
+        world.send(f"last message of rank 0 to rank {peer}", dest=peer)  # small: sent before rank 0 ends
     marker.write_text("rank 0 at its exit")
 else:
     deadline = time.monotonic() + 60
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(2.0)  # Horovod's shutdown reaches this rank within a few of its 1-5 ms cycles
-    from mpi4py import MPI
-    total = MPI.COMM_SELF.allreduce(1)
-    print(f"rank 1 used MPI after rank 0 ended: {total}", flush=True)
+    last = world.recv(source=0)
+    peer = 3 - rank  # ranks 1 and 2 talk to each other
+    heard = world.sendrecv(f"rank {rank} to rank {peer}", dest=peer, source=peer)
+    print(f"rank {rank} used MPI after rank 0 ended: {last!r}, {heard!r}", flush=True)
