@@ -1,11 +1,15 @@
 """``python -m hvd_distef.experiments CLAIM [--quick]``: the six claims of the authors' answer to their
-reviewers (issue 13) as experiments that launch ``python -m hvd_distef.train`` runs (mpirun here, Slurm
-with ``--partition``), 3 seeds per setting, and write ``experiments/results/CLAIM/`` and ``EXPERIMENTS.md``.
+reviewers (issues 13 and 21) as experiments of paired seeds: every setting chooses its lr from the same
+grid on held-out training examples, then trains the same evaluation seeds (16 by default) as every other
+setting, and each verdict is on the per-seed differences, with the smallest difference it can detect.
+Runs go through ``hvd_distef.train`` (many per ``mpirun`` here, via ``sweep``; one ``sbatch`` each with
+``--partition``); results land in ``experiments/results/CLAIM/`` and ``EXPERIMENTS.md``.
 
 One module per claim, each with ``NAME``, ``TITLE``, ``LINES`` (rebuttal line numbers), ``CLAIM`` (one
-line), ``settings(scale)`` (the runs) and ``analyse(outcomes, scale, out)`` (tables, plots,
-verdict); optional ``DEFAULT_RANKS`` and ``MODEL`` ({quick: model}). ``runs`` launches and reads runs,
-``verdict`` judges them, ``report`` writes them.
+line), ``settings(scale)`` (the settings compared) and ``analyse(outcomes, scale, out)`` (tables, plots,
+verdict); optional ``DEFAULT_RANKS``, ``SEEDS`` ({quick: seeds}) and ``MODEL`` ({quick: model}). ``runs``
+plans, launches and reads runs, ``sweep`` trains many in one process, ``verdict`` judges, ``report``
+writes.
 """
 from . import blockwise, error_decay, magnitudes, momentum, signum, tree_ring
 

@@ -84,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="digits", choices=sorted(LOADERS))
     p.add_argument("--data-dir", type=Path, help="folder with the CIFAR archive or its extracted folder")
     p.add_argument("--subset", type=positive_int, help="use only the first N training examples")
+    p.add_argument("--validation", type=int, default=0, metavar="N",
+                   help="hold the last N training examples (after --subset) out of training and score them "
+                        "each epoch as validation_accuracy: an lr is chosen on them, not on the test set")
     p.add_argument("--epochs", type=positive_int, default=30)
     p.add_argument("--batch-size", type=positive_int, default=32, help="per worker")
     p.add_argument("--lr", type=positive_float, help="default: the method's")
@@ -132,6 +135,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--momentum must be in [0, 1), got {args.momentum}")
     if args.nesterov and args.momentum == 0:
         args.nesterov = False
+    if args.validation < 0:
+        p.error(f"--validation must be >= 0 (examples held out), got {args.validation}")
     if args.weight_decay < 0:
         p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.data in CIFAR:

