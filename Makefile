@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 
 SLURM_DIR ?= /tmp/hvd_distef_slurm
 
-.PHONY: install test demo experiments clean slurm-up slurm-down
+.PHONY: install test demo experiments bench bench-record clean slurm-up slurm-down
 
 install:
 	@bash scripts/install.sh
@@ -20,6 +20,14 @@ demo: install
 # the authors' six claims at this machine's scale (about 30 minutes on 2 cores) -> EXPERIMENTS.md
 experiments: install
 	$(PY) -m hvd_distef.experiments all --quick
+
+# every benchmark of BENCHMARKS.md (hours on 2 cores; the emulated links need root), then BENCHMARKS.md
+bench: install
+	$(PY) benchmarks/record.py --run
+
+# BENCHMARKS.md from the results files in benchmarks/results/ as they are
+bench-record: install
+	$(PY) benchmarks/record.py
 
 slurm-up: install
 	bash launch/slurm/local_cluster.sh up $(SLURM_DIR)

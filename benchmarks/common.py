@@ -1,13 +1,28 @@
-"""Shared pieces of the benchmarks: layer sizes of a real network, timing by medians, JSON output."""
+"""Shared pieces of the benchmarks: layer sizes of a real network, timing by medians, and the results
+files that every figure of BENCHMARKS.md comes from (SPEC §5b).
+
+A results file is ``benchmarks/results/NAME.json``: ``{"meta": {...}, "results": ...}``, where ``meta``
+holds what a reader needs to place the figures: the CPU model and its cores, the date, the commit
+(``+dirty`` when tracked files differed from it), the exact command, and the environment that changes
+timings (threads, Horovod's and Open MPI's settings). ``benchmarks/record.py`` builds BENCHMARKS.md
+from these files and nothing else.
+"""
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
 
 # Parameter tensor sizes of torchvision's ResNet-50 (conv and fc weights; BN and biases folded out),
 # the model of the paper's ImageNet runs.
@@ -16,6 +31,9 @@ RESNET50 = [9408, 4096, 36864, 16384, 16384, 16384, 36864, 16384, 16384, 36864, 
             524288, 262144, 589824, 262144, 262144, 589824, 262144, 262144, 589824, 262144, 262144, 589824,
             262144, 262144, 589824, 262144, 524288, 2359296, 1048576, 2097152, 1048576, 2359296, 1048576,
             1048576, 2359296, 1048576, 2048000]
+
+#: environment variables that change what a benchmark measures; their values go into every results file
+TIMING_ENV_PREFIXES = ("OMP_", "MKL_", "ATEN_", "HOROVOD_", "OMPI_MCA_", "HVD_DISTEF_")
 
 
 def layer_sizes(total: int, pool: List[int] = RESNET50) -> List[int]:
@@ -42,16 +60,54 @@ def median_times(fns: Dict[str, Callable[[], object]], repeats: int = 7, warmup:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def write_json(name: str, payload) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
-    path.write_text(json.dumps(payload, indent=1))
-    return path
-
-
 def cpu_model() -> str:
     """The CPU's model name as ``lscpu`` prints it (the figures depend on it), or "unknown"."""
-    import subprocess
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
                 "unknown")
+
+
+def cpu_flags() -> List[str]:
+    """The vector extensions of this CPU that our kernels and torch's pick at run time."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in set(flags) if f in ("avx2", "avx512f", "avx512bw", "avx512vl", "fma"))
+
+
+def commit() -> str:
+    """The commit of this checkout, with ``+dirty`` when tracked files differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def meta(argv: Optional[Sequence[str]] = None) -> dict:
+    """What places a figure: CPU, cores, date, commit, command, timing environment, versions."""
+    import torch
+    argv = [sys.executable, *sys.argv] if argv is None else list(argv)
+    python = Path(argv[0])
+    if python.is_absolute() and ROOT in python.parents:
+        argv[0] = str(python.relative_to(ROOT))
+    return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": len(os.sched_getaffinity(0)),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "commit": commit(), "command": shlex.join(argv),
+            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(TIMING_ENV_PREFIXES)},
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def write_results(name: str, results, argv: Optional[Sequence[str]] = None, **extra_meta) -> Path:
+    """``benchmarks/results/NAME.json`` with ``meta(argv)`` (plus ``extra_meta``) and ``results``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"meta": {**meta(argv), **extra_meta}, "results": results}, indent=1) + "\n")
+    return path
+
+
+def read_results(name: str, results_dir: Path = RESULTS) -> Optional[dict]:
+    """The results file ``NAME.json`` as written by ``write_results``, or None where there is none."""
+    path = results_dir / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -7,7 +7,8 @@ element, so its bandwidth limit is 1.5x the time of a copy (8 bytes per element)
 
     .venv/bin/python benchmarks/kernels.py [--sizes 1e5 1e6 ...] [--repeats 5]
 
-Writes benchmarks/results/kernels.json and kernels.png.
+Writes benchmarks/results/kernels.json (``common.write_results``); benchmarks/record.py makes
+BENCHMARKS.md's table and plot from it.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import argparse
 
 import torch
 
-from common import RESULTS, layer_sizes, median_times, write_json
+from common import layer_sizes, median_times, write_results
 from hvd_distef import _kernels
 from hvd_distef import _torch_kernels as torch_path
 
@@ -63,25 +64,6 @@ def measure(d: int, threads: int, repeats: int) -> dict:
             "speedup_vs_torch": t["torch"] / t["fused"]}
 
 
-def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, threads in zip(axes, sorted({r["threads"] for r in rows})):
-        mine = [r for r in rows if r["threads"] == threads]
-        for key, label in (("copy_s", "memory copy"), ("fused_s", "fused (cpp_ops)"), ("torch_s", "torch path"),
-                           ("grace_s", "GRACE-style unfused")):
-            ax.loglog([r["d"] for r in mine], [r[key] for r in mine], marker="o", label=label)
-        ax.set_title(f"{threads} thread(s)")
-        ax.set_xlabel("elements d")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("median seconds per worker step")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=float, nargs="+", default=[1e5, 1e6, 1e7, 2.5e7, 1e8])
@@ -99,9 +81,7 @@ def main():
             print(f"{r['d']:>11,} {threads:>3} {r['copy_gbs']:>9.2f} {r['fused_gbs']:>10.2f} "
                   f"{100 * r['fused_fraction_of_limit']:>7.0f}% {r['speedup_vs_torch']:>7.1f}x "
                   f"{r['speedup_vs_grace']:>7.1f}x", flush=True)
-    path = write_json("kernels.json", rows)
-    plot(rows, RESULTS / "kernels.png")
-    print(f"wrote {path} and {RESULTS / 'kernels.png'}")
+    print(f"wrote {write_results('kernels', rows)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ kernels the worker's side is also timed alone, in turn: its one pass from the gr
 (``gather_momentum``, then ``blocksign_feedback`` on the d written out). The CPU model is printed
 and written with every result: the figures of one machine do not hold on another.
 
-    .venv/bin/python benchmarks/step.py [--threads N] [--repeats R]
+    .venv/bin/python benchmarks/step.py [--threads 1 2] [--repeats R]     # -> benchmarks/results/step.json
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 
 import hvd_distef
 from hvd_distef import _kernels
-from common import cpu_model, write_json
+from common import cpu_model, write_results
 from kernels import grace_style
 
 SIZES = [2359296] * 6 + [2097152, 2048000, 1048576] * 2 + [589824, 524288, 262144, 131072, 65536, 36864, 16384, 9408]
@@ -54,12 +54,10 @@ def worker_passes(grads, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--repeats", type=int, default=15)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+def measure(threads: int, repeats: int) -> dict:
+    """Stock SGD, ours and GRACE's worker half in turn at ``threads`` torch threads (medians, spreads)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n) * 0.01) for n in SIZES]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
@@ -71,7 +69,7 @@ def main():
     fns = {"stock": stock.step, "ours": ours.step, "grace_worker": lambda: grace_style(grads, residual, SIZES)}
     times = {name: [] for name in fns}
     worker = []  # ours without its server step: the step of a rank that is not the server
-    for repeat in range(args.repeats + 2):
+    for repeat in range(repeats + 2):
         for name, fn in fns.items():
             server_before = ours.comm_stats()["exchange_time_s"]
             start = time.perf_counter()
@@ -82,14 +80,14 @@ def main():
                     worker.append(times[name][-1] - (ours.comm_stats()["exchange_time_s"] - server_before))
     med = {name: statistics.median(t) for name, t in times.items()}
     med["worker"] = statistics.median(worker)
-    result = {"cpu": cpu_model(), "params": sum(SIZES), "tensors": len(SIZES), "threads": args.threads,
-              "compiled_kernels": _kernels.compiled is not None, "repeats": args.repeats,
+    result = {"params": sum(SIZES), "tensors": len(SIZES), "threads": threads,
+              "compiled_kernels": _kernels.compiled is not None, "repeats": repeats,
               "stock_sgd_step": spread(times["stock"]), "ps_blocksign_step": spread(times["ours"]),
               "grace_worker_half": spread(times["grace_worker"]), "ps_worker_step": spread(worker),
               "ratio_to_stock": med["ours"] / med["stock"], "ratio_to_grace_worker": med["ours"] / med["grace_worker"],
               "worker_ratio_to_stock": med["worker"] / med["stock"]}
     s = result["stock_sgd_step"]
-    print(f"{result['cpu']}; {result['params'] / 1e6:.1f}M params in {len(SIZES)} tensors, {args.threads} threads, "
+    print(f"{result['params'] / 1e6:.1f}M params in {len(SIZES)} tensors, {threads} threads, "
           f"compiled kernels: {result['compiled_kernels']}")
     print(f"stock torch.optim.SGD step     {1000 * s['median_s']:8.1f} ms  (min {1000 * s['min_s']:.1f}, "
           f"max {1000 * s['max_s']:.1f})")
@@ -99,13 +97,22 @@ def main():
     print(f"GRACE-style EF-sign, worker    {1000 * med['grace_worker']:8.1f} ms  ours is "
           f"{result['ratio_to_grace_worker']:.2f}x of it")
     if result["compiled_kernels"]:
-        worker = worker_passes([p.grad for p in params], args.repeats)
-        result.update(worker_one_pass_s=worker["one_pass"], worker_two_passes_s=worker["two_passes"])
-        print(f"worker side, one pass          {1000 * worker['one_pass']:8.1f} ms  "
-              f"{worker['one_pass'] / worker['two_passes']:.2f}x its two passes "
-              f"({1000 * worker['two_passes']:.1f} ms)")
-    path = write_json(f"step_threads{args.threads}{'' if result['compiled_kernels'] else '_torch'}.json", result)
-    print(f"wrote {path}")
+        passes = worker_passes([p.grad for p in params], repeats)
+        result.update(worker_one_pass_s=passes["one_pass"], worker_two_passes_s=passes["two_passes"])
+        print(f"worker side, one pass          {1000 * passes['one_pass']:8.1f} ms  "
+              f"{passes['one_pass'] / passes['two_passes']:.2f}x its two passes "
+              f"({1000 * passes['two_passes']:.1f} ms)", flush=True)
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args()
+    print(cpu_model())
+    rows = [measure(threads, args.repeats) for threads in args.threads]
+    print(f"wrote {write_results('step', rows)}")
 
 
 if __name__ == "__main__":

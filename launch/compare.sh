@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Runs the same training under several methods, topologies and rank counts, then the report.
 #
-#   launch/compare.sh [--methods "horovod sgdm ef-blocksgdm signum"] [--topologies "ps sharded"] [--np "2 4"]
+#   launch/compare.sh [--methods "horovod horovod:fp16 ef-blocksgdm signum"] [--topologies "ps sharded"] [--np "2 4"]
 #                     [--launcher mpirun|horovodrun] [--out runs/compare] [-- TRAIN_ARGS...]
 #
 # A method may name its compression after a colon: horovod:fp16 is stock Horovod with hvd.Compression.fp16.
 # horovod is the real hvd.DistributedOptimizer (allreduce overlapping backward); sgdm is ours, fused after it.
 # --topologies applies to the error-feedback methods (ef-*); the baselines keep theirs.
-# TRAIN_ARGS go to every `python -m hvd_distef.train` (e.g. --data digits --epochs 30).
+# TRAIN_ARGS go to every `python -m hvd_distef.train` (e.g. --data digits --epochs 30). Every run gets the same
+# launcher, environment and flags but its method (SPEC §5b); the report prints that environment.
 # Environment: PYTHON (default .venv/bin/python), MPIEXEC (default mpirun), TIMEOUT per run (s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-methods="horovod sgdm ef-blocksgdm signum"
+methods="horovod horovod:fp16 ef-blocksgdm signum"
 topologies=""
 nps="2"
 launcher="mpirun"
@@ -25,7 +26,7 @@ while [ $# -gt 0 ]; do
     --launcher) launcher="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -1,6 +1,12 @@
-"""Runs on every rank inside the emulated cluster: times optimizer steps per topology with
-synthetic gradients (so that compute does not hide communication on 2 cores) and appends one
-record per topology to --out (rank 0)."""
+"""Runs on every rank inside the emulated cluster: times optimizer steps per contender with synthetic
+gradients (so that compute does not hide communication on 2 cores) and appends one record per
+contender to --out (rank 0).
+
+Contenders: stock Horovod (``horovod``: ``hvd.DistributedOptimizer`` at its defaults; ``horovod-fp16``:
+with ``hvd.Compression.fp16``), and each topology of hvd_distef (blocksign; ``allreduce`` sends float32,
+``majority_vote`` signs). Every contender runs in the same job, one after another, with the same launcher
+and environment. Stock Horovod's allreduce of gradients set by hand runs in its ``synchronize()``, as
+for a parameter whose hook never fired."""
 from __future__ import annotations
 
 import argparse
@@ -16,18 +22,32 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
 from common import layer_sizes  # noqa: E402
 
+import hvd_distef  # noqa: E402  (before hvd.init(): MPI is mpi4py's)
 import horovod.torch as hvd  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-import hvd_distef  # noqa: E402
+from hvd_distef.topologies.base import RING_FORMULA  # noqa: E402
 
 COMPRESSION = {"allreduce": "none", "majority_vote": "sign"}
+#: stock Horovod's contenders: name -> hvd.Compression attribute
+HOROVOD = {"horovod": "none", "horovod-fp16": "fp16"}
+
+
+def build(name: str, params, sgd: torch.optim.SGD):
+    """The contender's optimizer and (compression, where its bytes come from)."""
+    if name in HOROVOD:
+        return (hvd.DistributedOptimizer(sgd, named_parameters=[(f"p{i}", p) for i, p in enumerate(params)],
+                                         compression=getattr(hvd.Compression, HOROVOD[name])),
+                HOROVOD[name], RING_FORMULA)
+    compression = COMPRESSION.get(name, "blocksign")
+    opt = hvd_distef.DistributedOptimizer(sgd, compression=compression, topology=name)
+    return opt, compression, None
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", type=float, required=True)
-    ap.add_argument("--topologies", nargs="+", required=True)
+    ap.add_argument("--topologies", nargs="+", required=True, help=f"contenders: {', '.join(HOROVOD)} or topologies")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rate", required=True)
@@ -36,36 +56,43 @@ def main():
     hvd.init(comm=MPI.COMM_WORLD)
     world = MPI.COMM_WORLD
     sizes = layer_sizes(int(args.params))
-    for topology in args.topologies:
+    for name in args.topologies:
         params = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
         gen = torch.Generator().manual_seed(world.rank)
-        for p in params:
-            p.grad = torch.randn(p.numel(), generator=gen) * 1e-3
-        compression = COMPRESSION.get(topology, "blocksign")
-        opt = hvd_distef.DistributedOptimizer(
-            torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4),
-            compression=compression, topology=topology)
+        grads = [torch.randn(p.numel(), generator=gen) * 1e-3 for p in params]
+        opt, compression, computed = build(
+            name, params, torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4))
         times = []
         for step in range(args.warmup + args.steps):
+            for p, g in zip(params, grads):  # stock Horovod averages p.grad in place: give it the same each step
+                p.grad = g.clone()
             world.Barrier()
             start = time.perf_counter()
             opt.step()
             elapsed = world.allreduce(time.perf_counter() - start, op=MPI.MAX)  # the slowest rank's step
             if step >= args.warmup:
                 times.append(elapsed)
-        stats = opt.comm_stats()
-        sent = stats["bytes_sent"] / stats["steps"]
-        everyone = world.gather(sent, root=0)
+        if computed:  # SPEC §3's ring-allreduce volume: Horovod has no counters
+            d, width = sum(sizes), 2 if compression == "fp16" else 4
+            sent = received = 2 * (world.size - 1) / world.size * width * d
+            source = computed
+        else:
+            stats = opt.comm_stats()
+            sent, received = stats["bytes_sent"] / stats["steps"], stats["bytes_received"] / stats["steps"]
+            source = stats["bytes_source"]
+        everyone = world.gather((sent, received), root=0)
         if world.rank == 0:
-            record = {"topology": topology, "compression": compression, "ranks": world.size,
+            record = {"topology": name, "compression": compression, "ranks": world.size,
                       "params": sum(sizes), "tensors": len(sizes), "rate": args.rate,
                       "step_time_median_s": statistics.median(times), "step_times_s": times,
-                      "bytes_sent_per_step": sent, "max_bytes_sent_per_step": max(everyone),
-                      "bytes_received_per_step": stats["bytes_received"] / stats["steps"]}
+                      "bytes_sent_per_step": sent, "bytes_received_per_step": received,
+                      "max_bytes_sent_per_step": max(s for s, _ in everyone),
+                      "busiest_bytes_per_step": max(s + r for s, r in everyone), "bytes_source": source}
             with open(args.out, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(f"{topology:>14} M={world.size} d={sum(sizes):,} {args.rate}: "
-                  f"{1000 * record['step_time_median_s']:8.1f} ms/step, sent {sent:,.0f} B/step (rank 0)", flush=True)
+            print(f"{name:>14} M={world.size} d={sum(sizes):,} {args.rate}: "
+                  f"{1000 * record['step_time_median_s']:8.1f} ms/step, sent {sent:,.0f} B/step (rank 0, {source})",
+                  flush=True)
         del opt, params
         gc.collect()
 

@@ -88,7 +88,7 @@ def main():
         done += chunk
     for c in contenders:
         exchange = c.traffic.end_epoch(len(c.step_times))
-        sent_by_rank = world.gather(exchange["bytes_sent_per_step"], root=0)
+        by_rank = world.gather((exchange["bytes_sent_per_step"], exchange["bytes_received_per_step"]), root=0)
         if rank == 0:
             record = {"label": c.label, "flags": methods[c.label], "common": common, "method": c.args.method,
                       "topology": c.args.topology, "compression": c.args.compression, "model": c.args.model,
@@ -98,7 +98,8 @@ def main():
                       "train_time_s": c.train_time, "final_accuracy": c.curve[-1][2],
                       "curve": [{"step": s, "train_time_s": t, "test_accuracy": a, "lr": lr} for s, t, a, lr in c.curve],
                       "bytes_sent_per_step": exchange["bytes_sent_per_step"],
-                      "max_bytes_sent_per_step": max(sent_by_rank),
+                      "max_bytes_sent_per_step": max(s for s, _ in by_rank),
+                      "busiest_bytes_per_step": max(s + r for s, r in by_rank),
                       "bytes_received_per_step": exchange["bytes_received_per_step"],
                       "bytes_source": exchange["bytes_source"]}
             with open(args.out, "a") as f:

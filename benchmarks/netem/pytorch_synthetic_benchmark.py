@@ -1,9 +1,10 @@
 # Horovod's examples/pytorch/pytorch_synthetic_benchmark.py (v0.28.1), changed only where marked
 # "hvd_distef:": --distef-topology swaps hvd.DistributedOptimizer for hvd_distef.DistributedOptimizer
-# with blocksign compression on that topology (--distef-overlap, --distef-bucket-cap-mb: overlap=True
-# and its bucket size); --image-size (upstream: 224); the model comes from hvd_distef.train.models
-# with torchvision's layout (ImageNet stem), as torchvision's wheels do not load against the CPU
-# build of torch installed here. Compare with `git show HEAD:examples/pytorch/...`.
+# on that topology, keeping the script's hvd.Compression unless --distef-compression names one of ours
+# (--distef-overlap, --distef-bucket-cap-mb: overlap=True and its bucket size); --image-size (upstream:
+# 224); the model comes from hvd_distef.train.models with torchvision's layout (ImageNet stem), as
+# torchvision's wheels do not load against the CPU build of torch installed here. Compare with
+# `git show HEAD:examples/pytorch/...`.
 import argparse
 import functools
 import torch.backends.cudnn as cudnn
@@ -42,7 +43,10 @@ parser.add_argument('--use-adasum', action='store_true', default=False,
 
 # hvd_distef: the swap, and the image size
 parser.add_argument('--distef-topology', default=None,
-                    help='use hvd_distef.DistributedOptimizer (blocksign) on this topology')
+                    help='use hvd_distef.DistributedOptimizer on this topology (only the class swapped: the '
+                         'compression stays the script\'s hvd.Compression, unless --distef-compression)')
+parser.add_argument('--distef-compression', default=None,
+                    help='with --distef-topology: this hvd_distef compressor instead (e.g. blocksign)')
 parser.add_argument('--distef-overlap', action='store_true', default=False,
                     help='with --distef-topology: exchange gradient buckets during backward (overlap=True)')
 parser.add_argument('--distef-bucket-cap-mb', type=float, default=25.0,
@@ -85,7 +89,7 @@ DistributedOptimizer = hvd.DistributedOptimizer
 if args.distef_topology:
     DistributedOptimizer = functools.partial(hvd_distef.DistributedOptimizer, topology=args.distef_topology,
                                              overlap=args.distef_overlap, bucket_cap_mb=args.distef_bucket_cap_mb)
-    compression = hvd_distef.Compression.blocksign
+    compression = args.distef_compression or compression
 optimizer = DistributedOptimizer(optimizer,
                                  named_parameters=model.named_parameters(),
                                  compression=compression,

@@ -14,27 +14,15 @@ from tqdm import tqdm
 
 from .. import Compression, DistributedOptimizer
 from ..errors import HvdDistefError
+from ..topologies.base import RING_FORMULA
 from .cli import HOROVOD_COMPRESSION, METHODS
 from .data import Dataset, load
+from .environment import describe
 from .models import build
 from .stats import gradient_stats, optimizer_stats
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
-#: ms between the cycles of Horovod's background thread when our optimizer does the exchanges (Horovod's
-#: default is 1 ms; every cycle synchronizes all ranks, idle or not)
-IDLE_HOROVOD_CYCLE_MS = 50
-
-
-def quiet_horovod(method: str, environ=os.environ) -> None:
-    """Before ``hvd.init()``: unless ``method`` is stock ``horovod`` or the launcher set it already
-    (``horovodrun --cycle-time-ms``, ``HOROVOD_CYCLE_TIME``), Horovod's background thread cycles every
-    ``IDLE_HOROVOD_CYCLE_MS`` ms. Horovod serves only the broadcasts and per-epoch metrics then, while
-    at its default of 1 ms its thread synchronizes with every rank each millisecond; where a rank has
-    one core, that cost 37% of the throughput before our MPI waits yielded (``comm.YIELD_WHEN_IDLE``),
-    and nothing we could measure since (README, "Porting a Horovod script")."""
-    if method != "horovod":
-        environ.setdefault("HOROVOD_CYCLE_TIME", str(IDLE_HOROVOD_CYCLE_MS))
 
 
 class LrSchedule:
@@ -119,11 +107,12 @@ def build_optimizer(hvd, args: argparse.Namespace, model: torch.nn.Module) -> to
 
 
 class Traffic:
-    """Bytes per step and seconds per epoch of the exchange. Ours are measured by ``Comm``
-    (``opt.comm_stats()``); Horovod exposes no counters, so for ``--method horovod`` the bytes are
-    SPEC §3's ring-allreduce volume, 2·(M−1)/M·(4 or 2 bytes)·d sent and as many received per rank
-    per step (d: the trainable parameters), computed, not measured, and its seconds are None (its
-    allreduce runs in Horovod's background thread, overlapping backward)."""
+    """Bytes per step and seconds per epoch of the exchange, and where the bytes come from. Ours are
+    ``opt.comm_stats()``'s: measured where we hand the buffers to MPI, SPEC §3's ring formula under
+    ``topology="allreduce"``. Horovod exposes no counters, so for ``--method horovod`` the bytes are
+    that formula too, 2·(M−1)/M·(4 or 2 bytes)·d sent and as many received per rank per step (d: the
+    trainable parameters), and its seconds are None (its allreduce runs in Horovod's background
+    thread, overlapping backward)."""
 
     def __init__(self, opt: torch.optim.SGD, args: argparse.Namespace, model: torch.nn.Module, ranks: int):
         self.opt = opt
@@ -139,22 +128,25 @@ class Traffic:
         """bytes_sent/received per step, comm/compress seconds of the epoch and where the bytes came from."""
         if self.computed:
             return {"bytes_sent_per_step": self.ring_bytes, "bytes_received_per_step": self.ring_bytes,
-                    "comm_time_s": None, "compress_time_s": None, "bytes_source": "computed"}
+                    "comm_time_s": None, "compress_time_s": None, "bytes_source": RING_FORMULA}
         after, before = self.opt.comm_stats(), self.before
         return {"bytes_sent_per_step": (after["bytes_sent"] - before["bytes_sent"]) / steps,
                 "bytes_received_per_step": (after["bytes_received"] - before["bytes_received"]) / steps,
                 "comm_time_s": after["exchange_time_s"] - before["exchange_time_s"],
-                "compress_time_s": after["compress_time_s"] - before["compress_time_s"], "bytes_source": "measured"}
+                "compress_time_s": after["compress_time_s"] - before["compress_time_s"],
+                "bytes_source": after["bytes_source"]}
 
 
 def train(args: argparse.Namespace) -> Tuple[float, float]:
     """Run the training; returns (final, best) test accuracy."""
     import horovod.torch as hvd
-    quiet_horovod(args.method)
     hvd.init()
     rank, ranks = hvd.rank(), hvd.size()
     torch.manual_seed(args.seed)
     data = load(args.data, args.data_dir, args.subset)
+    validation = None
+    if args.validation:
+        data, validation = data.hold_out(args.validation)
     steps = data.steps_per_epoch(ranks, args.batch_size)
     if steps == 0:
         raise HvdDistefError(f"{len(data.train_y)} training examples are fewer than {ranks} ranks x batch size "
@@ -175,7 +167,8 @@ def train(args: argparse.Namespace) -> Tuple[float, float]:
         start_epoch, wall, best = state["epoch"], state["wall_time_s"], state["best_accuracy"]
 
     config = dict(vars(args), ranks=ranks, params=sum(p.numel() for p in model.parameters()),
-                  data_dir=str(args.data_dir), log_dir=str(args.log_dir))
+                  data_dir=str(args.data_dir), log_dir=str(args.log_dir),
+                  environment=describe(hvd.allgather_object))
     metrics = args.log_dir / METRICS_FILE
     if rank == 0:
         args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -207,15 +200,19 @@ def train(args: argparse.Namespace) -> Tuple[float, float]:
         accuracy = evaluate(hvd, model, data, rank, ranks)
         best = max(best, accuracy)
         exchange = traffic.end_epoch(steps)
-        sent_by_rank = hvd.allgather_object(exchange["bytes_sent_per_step"])
+        by_rank = hvd.allgather_object((exchange["bytes_sent_per_step"], exchange["bytes_received_per_step"]))
         train_loss = hvd.allreduce(torch.tensor(loss_sum / steps), op=hvd.Average, name="hvd_distef.train.loss")
         record = {
             "epoch": epoch + 1, "method": args.method, "topology": args.topology, "compression": args.compression,
             "model": args.model, "data": args.data, "ranks": ranks, "steps": steps,
             "train_loss": train_loss.item(), "test_accuracy": accuracy, "epoch_time_s": seconds,
             "wall_time_s": wall, "step_time_s": seconds / steps, **exchange,
-            "max_bytes_sent_per_step": max(sent_by_rank), "lr": opt.param_groups[0]["lr"],
+            "bytes_sent_by_rank": [sent for sent, _ in by_rank],
+            "bytes_received_by_rank": [received for _, received in by_rank],
+            "max_bytes_sent_per_step": max(sent for sent, _ in by_rank), "lr": opt.param_groups[0]["lr"],
         }
+        if validation is not None:
+            record["validation_accuracy"] = evaluate(hvd, model, validation, rank, ranks)
         if args.log_gradient_stats:
             record.update(stats, **optimizer_stats(hvd, opt))
         if rank == 0:
