@@ -113,6 +113,12 @@ def markdown(rows: List[dict], target: float) -> str:
     return "\n".join(lines)
 
 
+def on_one_machine(runs: List[dict]) -> bool:
+    """Whether every run recorded its environment and had all its ranks on one host."""
+    envs = [r["config"].get("environment") for r in runs]
+    return all(envs) and all(e["hosts"] == 1 for e in envs)
+
+
 def environment_notes(runs: List[dict]) -> List[str]:
     """The runs' common environment, what differs between contenders of one rank count, shared cores,
     and the one-machine line (module docstring)."""
@@ -137,12 +143,12 @@ def environment_notes(runs: List[dict]) -> List[str]:
         notes.append(f"At {', '.join(map(str, crowded))} ranks some host ran more ranks than it has cores: ranks "
                      "shared cores, so a contender with a busy helper thread (Horovod's background thread cycles "
                      "every millisecond) also paid for the crowding, which a cluster with a core per rank does not.")
-    if known and len(known) == len(runs) and all(e["hosts"] == 1 for e in known):
+    if on_one_machine(runs):
         notes.append(ONE_MACHINE)
     return notes
 
 
-def plot(runs: List[dict], rows: List[dict], out: Path) -> List[Path]:
+def plot(runs: List[dict], rows: List[dict], out: Path, one_machine: bool = False) -> List[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -156,6 +162,8 @@ def plot(runs: List[dict], rows: List[dict], out: Path) -> List[Path]:
                     marker=".", label=run["label"])
         ax.set_xlabel(x_label)
         ax.set_ylabel("test accuracy (%)")
+        if one_machine and x_key == "wall_time_s":
+            ax.set_title("all ranks on one machine: no link to pay for, so time says little", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -198,7 +206,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = summarise(runs, target)
     text = "\n\n".join([markdown(rows, target), *environment_notes(runs)])
-    paths = plot(runs, rows, out)
+    paths = plot(runs, rows, out, on_one_machine(runs))
     (out / "report.md").write_text(text + "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in paths) + "\n")
     (out / "summary.json").write_text(json.dumps(rows, indent=1, default=str))
     print(text)
