@@ -40,9 +40,11 @@ def worker_passes(grads, repeats: int) -> dict:
     m, m_next, e, e_next, d = (torch.randn(n) * 0.01 for _ in range(5))
     segments = [(0, n, 1.0)]
     prev = cpp.blocksign_compress(torch.randn(n), SIZES)  # the previous step's payload, settled by each
-    fns = {"one_pass": lambda: cpp.worker_blocksign_feedback(grads, SIZES, [0.9] * len(SIZES), [True] * len(SIZES),
-                                                             0, m, m_next, e, e_next, SIZES, segments, *prev),
-           "two_passes": lambda: (cpp.gather_momentum(grads, SIZES, d, m, m_next, 0.9, True, None),
+    g = _kernels.Grads(grads, SIZES)
+    momentum = _kernels.Momentum(m, m_next, [0.9] * len(SIZES), [True] * len(SIZES))
+    fns = {"one_pass": lambda: cpp.worker_blocksign_feedback(
+               g, momentum, _kernels.Feedback(e, e_next, 0, SIZES, segments, *prev)),
+           "two_passes": lambda: (cpp.gather_momentum(g, d, momentum),
                                   cpp.blocksign_feedback(d, e, SIZES, segments, *prev))}
     times = {name: [] for name in fns}
     for repeat in range(repeats + 2):

@@ -302,7 +302,7 @@ struct FeedbackTask {
   }
 };
 
-FeedbackTask feedback_task(const at::Tensor& error, at::Tensor& error_out, const Segments& segments,
+FeedbackTask feedback_task(const at::Tensor& error, const at::Tensor& error_out, const Segments& segments,
                            const c10::optional<at::Tensor>& prev_scales, const c10::optional<at::Tensor>& prev_bits,
                            const Layout& l) {
   check_vec(error, "error");
@@ -387,23 +387,23 @@ std::tuple<at::Tensor, at::Tensor> blocksign_feedback(at::Tensor d, at::Tensor e
 // Writes only momentum_out and error_out: the step can still be dropped. Returns (scales, bits,
 // usable): usable is false where a gradient element (times inv_scale) or a block scale is not
 // finite, and the payload is then meaningless.
-std::tuple<at::Tensor, at::Tensor, bool> worker_blocksign_feedback(
-    std::vector<at::Tensor> grads, std::vector<int64_t> sizes, std::vector<double> mus, std::vector<bool> nesterovs,
-    int64_t offset, at::Tensor momentum, at::Tensor momentum_out, at::Tensor error, at::Tensor error_out,
-    std::vector<int64_t> block_sizes, Segments segments, c10::optional<at::Tensor> prev_scales,
-    c10::optional<at::Tensor> prev_bits, c10::optional<double> inv_scale) {
-  const int64_t n = error.numel();
-  check_vec(momentum, "momentum");
-  check_vec(momentum_out, "momentum_out");
-  TORCH_CHECK_VALUE(momentum.numel() == n && momentum_out.numel() == n, "the momentum buffers must have the error's length");
-  const Gradients gradients(grads, sizes, std::move(mus), std::move(nesterovs));
+std::tuple<at::Tensor, at::Tensor, bool> worker_blocksign_feedback(const Grads& grads, const Momentum& momentum,
+                                                                   const Feedback& feedback) {
+  const at::Tensor& error = feedback.error;
+  const int64_t n = error.numel(), offset = feedback.start;
+  check_vec(momentum.current, "momentum");
+  check_vec(momentum.next, "momentum_out");
+  TORCH_CHECK_VALUE(momentum.current.numel() == n && momentum.next.numel() == n,
+                    "the momentum buffers must have the error's length");
+  const Gradients gradients(grads.grads, grads.sizes, momentum.mus, momentum.nesterovs);
   TORCH_CHECK_VALUE(offset >= 0 && offset + n <= gradients.numel(), "the shard [", offset, ", ", offset + n,
                     ") lies outside the gradients' ", gradients.numel(), " elements");
-  const Layout l = make_layout(block_sizes, n);
-  const FeedbackTask task = feedback_task(error, error_out, segments, prev_scales, prev_bits, l);
-  const float* m_in = momentum.data_ptr<float>();
-  float* m_out = momentum_out.data_ptr<float>();
-  const float s = inv_scale.has_value() ? (float)*inv_scale : 1.0f;
+  const Layout l = make_layout(feedback.block_sizes, n);
+  const FeedbackTask task = feedback_task(error, feedback.error_out, feedback.segments, feedback.prev_scales,
+                                          feedback.prev_bits, l);
+  const float* m_in = momentum.current.data_ptr<float>();
+  float* m_out = momentum.next.data_ptr<float>();
+  const float s = grads.inv_scale.has_value() ? (float)*grads.inv_scale : 1.0f;
   std::atomic<bool> nonfinite{false};
   bool finite = true;
   auto payload = one_pass(

@@ -32,6 +32,35 @@ inline const BitTable kOnes(1.0f, 0.0f);
 
 using Segments = std::vector<std::tuple<int64_t, int64_t, double>>;  // (start, stop, ratio) per param group
 
+// What a kernel reads, what it writes and its options, field for field the structures of
+// hvd_distef/kernel_args.py (bindings.cpp reads them from the Python objects; their docstrings say more).
+struct Grads {  // read: the gradients of consecutive parameters (empty: zeros), times inv_scale (AMP)
+  std::vector<at::Tensor> grads;
+  std::vector<int64_t> sizes;
+  c10::optional<double> inv_scale;
+};
+struct Momentum {  // m' = mu*m + g into next (current read), d = g + mu*m' (nesterov) or m'; per parameter
+  at::Tensor current, next;
+  std::vector<double> mus;
+  std::vector<bool> nesterovs;
+};
+struct Feedback {  // a shard's error step: e read from error, p written to error_out (prev: C still to subtract)
+  at::Tensor error, error_out;
+  int64_t start;
+  std::vector<int64_t> block_sizes;
+  Segments segments;
+  c10::optional<at::Tensor> prev_scales, prev_bits;
+};
+struct Descent {  // the update's options (SPEC §1)
+  double lr, mu, weight_decay;
+  bool nesterov;
+};
+struct Pieces {  // read: a param group's Δ̃ as blocksign payloads (see BlocksignPieces)
+  std::vector<int64_t> starts;
+  std::vector<at::Tensor> scales, bits;
+  std::vector<std::vector<int64_t>> block_sizes;
+};
+
 // blocksign.cpp: blockwise scaled sign with error feedback (SPEC §1, §2). The error steps leave p
 // in ``error`` and defer e = p - C(p) to their next call (prev_scales, prev_bits = that C(p)).
 std::tuple<at::Tensor, at::Tensor> blocksign_feedback(at::Tensor d, at::Tensor error,
@@ -40,11 +69,8 @@ std::tuple<at::Tensor, at::Tensor> blocksign_feedback(at::Tensor d, at::Tensor e
                                                             c10::optional<at::Tensor> prev_bits);
 // The worker's momentum and error step on one shard in one pass (blocksign.cpp: what it reads and
 // writes); returns (scales, bits, usable).
-std::tuple<at::Tensor, at::Tensor, bool> worker_blocksign_feedback(
-    std::vector<at::Tensor> grads, std::vector<int64_t> sizes, std::vector<double> mus, std::vector<bool> nesterovs,
-    int64_t offset, at::Tensor momentum, at::Tensor momentum_out, at::Tensor error, at::Tensor error_out,
-    std::vector<int64_t> block_sizes, Segments segments, c10::optional<at::Tensor> prev_scales,
-    c10::optional<at::Tensor> prev_bits, c10::optional<double> inv_scale);
+std::tuple<at::Tensor, at::Tensor, bool> worker_blocksign_feedback(const Grads& grads, const Momentum& momentum,
+                                                                   const Feedback& feedback);
 std::tuple<at::Tensor, at::Tensor> blocksign_server_feedback(
     std::vector<at::Tensor> scales, std::vector<at::Tensor> bits, at::Tensor error,
     std::vector<int64_t> block_sizes, Segments segments, c10::optional<at::Tensor> prev_scales,
@@ -103,12 +129,9 @@ struct Gradients {
   // (nesterov) or m_out; d, m_in and m_out point to element lo. Returns whether some g is not finite.
   bool momentum(int64_t lo, int64_t hi, float* d, const float* m_in, float* m_out, float s) const;
 };
-bool gather_momentum(std::vector<at::Tensor> grads, std::vector<int64_t> sizes, at::Tensor d, at::Tensor momentum,
-                     at::Tensor momentum_out, double mu, bool nesterov, c10::optional<double> inv_scale);
+bool gather_momentum(const Grads& grads, at::Tensor d, const Momentum& momentum);
 void descend_(std::vector<at::Tensor> params, at::Tensor delta, c10::optional<at::Tensor> decay_buffer,
-              double lr, double mu, double weight_decay, bool nesterov);
+              const Descent& descent);
 // descend_ with Δ̃ as blocksign payloads (BlocksignPieces), decompressed slice by slice in the same pass
-void descend_blocksign_(std::vector<at::Tensor> params, std::vector<int64_t> starts, std::vector<at::Tensor> scales,
-                        std::vector<at::Tensor> bits, std::vector<std::vector<int64_t>> block_sizes,
-                        c10::optional<at::Tensor> decay_buffer, double lr, double mu, double weight_decay,
-                        bool nesterov);
+void descend_blocksign_(std::vector<at::Tensor> params, const Pieces& pieces, c10::optional<at::Tensor> decay_buffer,
+                        const Descent& descent);

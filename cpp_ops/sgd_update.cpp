@@ -134,19 +134,18 @@ bool Gradients::momentum(int64_t lo, int64_t hi, float* d, const float* m_in, fl
 // zeros for a parameter without a gradient (an empty tensor). m' goes to momentum_out (another
 // buffer: the step may not go ahead; the same one to update in place), d to the flat buffer d.
 // Returns whether every gradient element (after the scale) is finite.
-bool gather_momentum(std::vector<at::Tensor> grads, std::vector<int64_t> sizes, at::Tensor d, at::Tensor momentum,
-                     at::Tensor momentum_out, double mu, bool nesterov, c10::optional<double> inv_scale) {
+bool gather_momentum(const Grads& grads, at::Tensor d, const Momentum& momentum) {
   check_flat(d, "d");
-  check_flat(momentum, "momentum");
-  check_flat(momentum_out, "momentum_out");
-  const Gradients gradients(grads, sizes, std::vector<double>(sizes.size(), mu), std::vector<bool>(sizes.size(), nesterov));
+  check_flat(momentum.current, "momentum");
+  check_flat(momentum.next, "momentum_out");
+  const Gradients gradients(grads.grads, grads.sizes, momentum.mus, momentum.nesterovs);
   const int64_t n = gradients.numel();
-  TORCH_CHECK_VALUE(d.numel() == n && momentum.numel() == n && momentum_out.numel() == n,
+  TORCH_CHECK_VALUE(d.numel() == n && momentum.current.numel() == n && momentum.next.numel() == n,
                     "d and the momentum buffers must have the gradients' total length ", n);
   float* dp = d.data_ptr<float>();
-  const float* m_in = momentum.data_ptr<float>();
-  float* m_out = momentum_out.data_ptr<float>();
-  const float s = inv_scale.has_value() ? (float)*inv_scale : 1.0f;
+  const float* m_in = momentum.current.data_ptr<float>();
+  float* m_out = momentum.next.data_ptr<float>();
+  const float s = grads.inv_scale.has_value() ? (float)*grads.inv_scale : 1.0f;
   std::atomic<bool> finite{true};
   at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
     if (gradients.momentum(lo, hi, dp + lo, m_in + lo, m_out + lo, s)) finite.store(false);
@@ -199,23 +198,22 @@ void descend_with(std::vector<at::Tensor>& params, c10::optional<at::Tensor>& de
 
 // ``delta`` (Δ̃, flat over the group's parameters in order) is read only.
 void descend_(std::vector<at::Tensor> params, at::Tensor delta, c10::optional<at::Tensor> decay_buffer,
-              double lr, double mu, double weight_decay, bool nesterov) {
+              const Descent& descent) {
   check_flat(delta, "delta");
   const float* d = delta.data_ptr<float>();
-  descend_with(params, decay_buffer, lr, mu, weight_decay, nesterov, delta.numel(),
+  descend_with(params, decay_buffer, descent.lr, descent.mu, descent.weight_decay, descent.nesterov, delta.numel(),
                [d](int64_t lo, int64_t) { return d + lo; });
 }
 
 // Δ̃ decompressed a slice at a time into a per-thread buffer that stays in cache for the update:
 // Δ̃ is never written out in full (saves writing and reading back 8 bytes per element).
-void descend_blocksign_(std::vector<at::Tensor> params, std::vector<int64_t> starts, std::vector<at::Tensor> scales,
-                        std::vector<at::Tensor> bits, std::vector<std::vector<int64_t>> block_sizes,
-                        c10::optional<at::Tensor> decay_buffer, double lr, double mu, double weight_decay,
-                        bool nesterov) {
+void descend_blocksign_(std::vector<at::Tensor> params, const Pieces& in, c10::optional<at::Tensor> decay_buffer,
+                        const Descent& descent) {
   int64_t n = 0;
   for (const auto& p : params) n += p.numel();
-  const BlocksignPieces pieces(starts, scales, bits, block_sizes, n);
-  descend_with(params, decay_buffer, lr, mu, weight_decay, nesterov, n, [&pieces](int64_t lo, int64_t hi) {
+  const BlocksignPieces pieces(in.starts, in.scales, in.bits, in.block_sizes, n);
+  descend_with(params, decay_buffer, descent.lr, descent.mu, descent.weight_decay, descent.nesterov, n,
+               [&pieces](int64_t lo, int64_t hi) {
     thread_local std::vector<float> slice;
     slice.resize(kGrain);
     pieces.fill(lo, hi, slice.data());

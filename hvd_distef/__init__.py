@@ -11,11 +11,12 @@ from . import comm
 comm.initialize_mpi()  # before hvd.init(): MPI must be mpi4py's to finalize, not Horovod's (comm.py)
 
 from .amp import GradScaler  # noqa: E402
+from .comm import set_abort_on_exception  # noqa: E402
 from .compressors import Compression, Compressor  # noqa: E402
 from .errors import HvdDistefError, NonFiniteGradientError  # noqa: E402
 from .optimizer import DistributedOptimizer  # noqa: E402
 from .payload import Payload  # noqa: E402
 
 __all__ = ["Compression", "Compressor", "DistributedOptimizer", "GradScaler", "HvdDistefError", "NonFiniteGradientError",
-           "Payload"]
+           "Payload", "set_abort_on_exception"]
 __version__ = "0.1.0"

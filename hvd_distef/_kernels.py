@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 
 from . import _torch_kernels as torch_path
-from ._torch_kernels import Segments, unpack_signs  # noqa: F401  (no compiled twin)
+from ._torch_kernels import unpack_signs  # noqa: F401  (no compiled twin)
+from .kernel_args import Descent, Feedback, Grads, Momentum, Pieces, Segments  # noqa: F401  (the kernels' arguments)
 
 FORCE_TORCH_ENV = "HVD_DISTEF_FORCE_TORCH"
 #: where a launcher puts this process's rank in MPI's world (Open MPI, MPICH/Intel MPI, PMIx)
@@ -133,38 +134,45 @@ def unpack_vote(vote, numel, out=None):
     return _compiled_or_torch(vote).unpack_vote(vote, numel, out=out)
 
 
-def gather_momentum(grads, sizes, d, momentum, momentum_out, mu, nesterov, inv_scale=None):
+def _grads(grads: Grads) -> Grads:
+    return Grads(list(grads.grads), [int(n) for n in grads.sizes],
+                 None if grads.inv_scale is None else float(grads.inv_scale))
+
+
+def _momentum(momentum: Momentum) -> Momentum:
+    return momentum._replace(mus=[float(m) for m in momentum.mus], nesterovs=[bool(v) for v in momentum.nesterovs])
+
+
+def gather_momentum(grads: Grads, d, momentum: Momentum) -> bool:
+    """The worker's momentum of SPEC §1 (``_torch_kernels.gather_momentum``)."""
     # the compiled kernel reads each gradient in place: they must be contiguous
-    path = _pick(d) if all(g.is_contiguous() for g in grads) else torch_path
-    return path.gather_momentum(list(grads), [int(n) for n in sizes], d, momentum, momentum_out, mu, nesterov,
-                                inv_scale)
+    path = _pick(d) if all(g.is_contiguous() for g in grads.grads) else torch_path
+    return path.gather_momentum(_grads(grads), d, _momentum(momentum))
 
 
-def worker_blocksign_feedback(grads, sizes, mus, nesterovs, offset, momentum, momentum_out, error, error_out,
-                              block_sizes, segments, prev_scales=None, prev_bits=None, inv_scale=None):
+def worker_blocksign_feedback(grads: Grads, momentum: Momentum, feedback: Feedback):
     """The worker's momentum and error step in one pass (``_torch_kernels.worker_blocksign_feedback``):
     compiled on the CPU for contiguous gradients; elsewhere the torch path (the optimizer runs the
     two steps apart there)."""
-    path = _compiled_or_torch(error) if all(g.is_contiguous() for g in grads) else torch_path
-    return path.worker_blocksign_feedback(list(grads), [int(n) for n in sizes], [float(m) for m in mus],
-                                          [bool(v) for v in nesterovs], int(offset), momentum, momentum_out, error,
-                                          error_out, list(block_sizes), list(segments), prev_scales, prev_bits,
-                                          inv_scale)
+    path = _compiled_or_torch(feedback.error) if all(g.is_contiguous() for g in grads.grads) else torch_path
+    return path.worker_blocksign_feedback(_grads(grads), _momentum(momentum), feedback._replace(
+        start=int(feedback.start), block_sizes=list(feedback.block_sizes), segments=list(feedback.segments)))
 
 
-def descend_(params, delta, decay_buffer, lr, mu, weight_decay, nesterov):
+def descend_(params, delta, decay_buffer, descent: Descent) -> None:
+    """The update of SPEC §1 for one param group (``_torch_kernels.descend_``)."""
     # the compiled and Triton kernels read each parameter in place: they must be contiguous
     path = _pick(delta) if all(p.is_contiguous() for p in params) else torch_path
-    path.descend_(list(params), delta, decay_buffer, lr, mu, weight_decay, nesterov)
+    path.descend_(list(params), delta, decay_buffer, descent)
 
 
-def descend_blocksign_(params, starts, scales, bits, block_sizes, decay_buffer, lr, mu, weight_decay, nesterov):
+def descend_blocksign_(params, pieces: Pieces, decay_buffer, descent: Descent) -> None:
     """``descend_`` with Δ̃ as blocksign payloads (``_torch_kernels.descend_blocksign_``): compiled on
     the CPU; elsewhere the torch path (the optimizer decompresses Δ̃ itself there)."""
     path = _compiled_or_torch(params[0]) if params and all(p.is_contiguous() for p in params) else torch_path
-    path.descend_blocksign_(list(params), [int(s) for s in starts], list(scales), list(bits),
-                            [[int(n) for n in sizes] for sizes in block_sizes], decay_buffer, lr, mu, weight_decay,
-                            nesterov)
+    path.descend_blocksign_(list(params), Pieces([int(s) for s in pieces.starts], list(pieces.scales),
+                                                 list(pieces.bits), [[int(n) for n in b] for b in pieces.block_sizes]),
+                            decay_buffer, descent)
 
 
 def compensate(d, error, segments, out=None):

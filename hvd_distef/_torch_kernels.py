@@ -4,11 +4,11 @@ CUDA, and the reference they are tested against (same signatures, same bits, sca
 float rounding)."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-Segments = Sequence[Tuple[int, int, float]]  # (start, stop, ratio) per param group
+from .kernel_args import Descent, Feedback, Grads, Momentum, Pieces, Segments
 
 _BIT_WEIGHTS = {}
 
@@ -198,54 +198,67 @@ def gather(grads: Sequence[torch.Tensor], sizes: Sequence[int], d: torch.Tensor,
     return bool(torch.isfinite(d).all())
 
 
-def gather_momentum(grads: Sequence[torch.Tensor], sizes: Sequence[int], d: torch.Tensor, momentum: torch.Tensor,
-                    momentum_out: torch.Tensor, mu: float, nesterov: bool, inv_scale: Optional[float] = None) -> bool:
-    """The worker's momentum of SPEC §1 for one param group: g = each gradient (an empty tensor: zeros
-    of that size) times ``inv_scale`` (AMP) when given; m' = μ·m + g into ``momentum_out`` (another
-    buffer, or ``momentum`` itself); d = g + μ·m' (nesterov) or m' into ``d``; with μ = 0, d = g and
-    m' = m. Returns whether every element of g is finite."""
-    finite = gather(grads, sizes, d, inv_scale)
+def runs(sizes: Sequence[int], mus: Sequence[float], nesterovs: Sequence[bool]) -> Iterator[Tuple[int, int, float, bool]]:
+    """(start, stop, μ, nesterov) of the longest stretches of consecutive parameters with the same μ and
+    nesterov, in the elements of the parameters end to end."""
+    start, first = 0, 0
+    for k in range(1, len(sizes) + 1):
+        if k == len(sizes) or (mus[k], nesterovs[k]) != (mus[first], nesterovs[first]):
+            stop = start + sum(sizes[first:k])
+            yield start, stop, mus[first], nesterovs[first]
+            start, first = stop, k
+
+
+def momentum_step(d: torch.Tensor, momentum: torch.Tensor, momentum_out: torch.Tensor, mu: float,
+                  nesterov: bool) -> None:
+    """With g in ``d``: m' = μ·m + g into ``momentum_out`` (another buffer, or ``momentum`` itself);
+    d = g + μ·m' (nesterov) or m'; with μ = 0, d = g and m' = m."""
     if mu == 0:
         if momentum_out.data_ptr() != momentum.data_ptr():
             momentum_out.copy_(momentum)
-        return finite
+        return
     torch.mul(momentum, mu, out=momentum_out).add_(d)
     if nesterov:
         d.add_(torch.mul(momentum_out, mu))
     else:
         d.copy_(momentum_out)
+
+
+def gather_momentum(grads: Grads, d: torch.Tensor, momentum: Momentum) -> bool:
+    """The worker's momentum of SPEC §1 (``Momentum``) from ``grads`` into ``d`` (float32 [Σ sizes]).
+    Returns whether every element of g is finite."""
+    finite = gather(grads.grads, grads.sizes, d, grads.inv_scale)
+    for lo, hi, mu, nesterov in runs(grads.sizes, momentum.mus, momentum.nesterovs):
+        momentum_step(d[lo:hi], momentum.current[lo:hi], momentum.next[lo:hi], mu, nesterov)
     return finite
 
 
-def worker_blocksign_feedback(grads: Sequence[torch.Tensor], sizes: Sequence[int], mus: Sequence[float],
-                              nesterovs: Sequence[bool], offset: int, momentum: torch.Tensor,
-                              momentum_out: torch.Tensor, error: torch.Tensor, error_out: torch.Tensor,
-                              block_sizes: Sequence[int], segments: Segments, prev_scales: Optional[torch.Tensor] = None,
-                              prev_bits: Optional[torch.Tensor] = None,
-                              inv_scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-    """The worker's side of SPEC §1 on one shard: ``gather_momentum`` (each parameter with its own
-    μ and nesterov) then ``blocksign_feedback``, with e read from ``error`` and p written to
-    ``error_out`` (``error`` and ``momentum`` are left as they were). Element i of the shard is
-    element ``offset`` + i of the gradients end to end; the four buffers are the shard's float32
-    slices. Returns (scales, bits, usable): usable is False where a gradient element (times
-    ``inv_scale``) or a block scale is not finite, and the payload is then meaningless. The
-    compiled kernel does it in one pass over memory, d never written out."""
+def worker_blocksign_feedback(grads: Grads, momentum: Momentum, feedback: Feedback
+                              ) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """The worker's side of SPEC §1 on one shard (``Feedback``): ``gather_momentum`` (each parameter with
+    its own μ and nesterov) then ``blocksign_feedback``, with e read from ``error`` and p written to
+    ``error_out`` (``error`` and the current momentum are left as they were); the momentum buffers are
+    the shard's slices. Returns (scales, bits, usable): usable is False where a gradient element (times
+    ``inv_scale``) or a block scale is not finite, and the payload is then meaningless. The compiled
+    kernel does it in one pass over memory, d never written out."""
+    error, offset, block_sizes = feedback.error, feedback.start, feedback.block_sizes
     n = error.numel()
     d = torch.empty(n, dtype=torch.float32, device=error.device)
     finite, start = True, 0
-    for g, size, mu, nesterov in zip(grads, sizes, mus, nesterovs):
+    for g, size, mu, nesterov in zip(grads.grads, grads.sizes, momentum.mus, momentum.nesterovs):
         lo, hi = max(start, offset), min(start + size, offset + n)
         if lo < hi:
             part = g.reshape(-1)[lo - start:hi - start] if g.numel() else g
             a, b = lo - offset, hi - offset
-            finite &= gather_momentum([part], [b - a], d[a:b], momentum[a:b], momentum_out[a:b], mu, nesterov,
-                                      inv_scale)
+            finite &= gather_momentum(Grads([part], [b - a], grads.inv_scale), d[a:b],
+                                      Momentum(momentum.current[a:b], momentum.next[a:b], [mu], [nesterov]))
         start += size
     if not finite:
         return error.new_zeros(len(block_sizes)), error.new_zeros((n + 7) // 8, dtype=torch.uint8), False
-    error_out.copy_(error)
+    feedback.error_out.copy_(error)
     try:
-        scales, bits = blocksign_feedback(d, error_out, block_sizes, segments, prev_scales, prev_bits)
+        scales, bits = blocksign_feedback(d, feedback.error_out, block_sizes, feedback.segments, feedback.prev_scales,
+                                          feedback.prev_bits)
     except ValueError:  # a non-finite block scale
         return error.new_zeros(len(block_sizes)), error.new_zeros((n + 7) // 8, dtype=torch.uint8), False
     return scales, bits, True
@@ -255,10 +268,11 @@ def _views(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> List[torch.Ten
     return [part.view_as(p) for part, p in zip(flat.split([p.numel() for p in params]), params)]
 
 
-def descend_(params: List[torch.Tensor], delta: torch.Tensor, decay_buffer: Optional[torch.Tensor], lr: float,
-             mu: float, weight_decay: float, nesterov: bool) -> None:
-    """The update of SPEC §1 for one param group: with weight decay, w = μ·w + λ·x and
+def descend_(params: List[torch.Tensor], delta: torch.Tensor, decay_buffer: Optional[torch.Tensor],
+             descent: Descent) -> None:
+    """The update of SPEC §1 for one param group (``Descent``): with weight decay, w = μ·w + λ·x and
     u = (Δ̃ + μ·w) + λ·x (nesterov) or Δ̃ + w, else u = Δ̃; then x = x − η·u. ``delta`` is read only."""
+    lr, mu, weight_decay, nesterov = descent
     u = _views(delta, params)
     if weight_decay != 0:
         decay = torch._foreach_mul(params, weight_decay)
@@ -271,19 +285,15 @@ def descend_(params: List[torch.Tensor], delta: torch.Tensor, decay_buffer: Opti
     torch._foreach_sub_(params, torch._foreach_mul(u, lr))
 
 
-def descend_blocksign_(params: List[torch.Tensor], starts: Sequence[int], scales: Sequence[torch.Tensor],
-                       bits: Sequence[torch.Tensor], block_sizes: Sequence[Sequence[int]],
-                       decay_buffer: Optional[torch.Tensor], lr: float, mu: float, weight_decay: float,
-                       nesterov: bool) -> None:
-    """``descend_`` with Δ̃ (float32, Σ numel of ``params``) given as blocksign payloads: piece k
-    (``scales[k]``, ``bits[k]``, ``block_sizes[k]``) decompresses to elements [starts[k], starts[k] +
-    its numel) of the group's Δ̃ (it may begin before 0 or end after the group); in order, the pieces
-    leave no gap. Here Δ̃ is decompressed in full first; the compiled kernel decompresses it slice by
-    slice inside the update. Raises ValueError for pieces that leave a gap."""
+def descend_blocksign_(params: List[torch.Tensor], pieces: Pieces, decay_buffer: Optional[torch.Tensor],
+                       descent: Descent) -> None:
+    """``descend_`` with the group's Δ̃ (float32, Σ numel of ``params``) given as blocksign ``Pieces``.
+    Here Δ̃ is decompressed in full first; the compiled kernel decompresses it slice by slice inside the
+    update. Raises ValueError for pieces that leave a gap."""
     n = sum(p.numel() for p in params)
-    delta = torch.empty(n, dtype=torch.float32, device=scales[0].device if scales else "cpu")
+    delta = torch.empty(n, dtype=torch.float32, device=pieces.scales[0].device if pieces.scales else "cpu")
     covered = 0
-    for start, s, b, sizes in zip(starts, scales, bits, block_sizes):
+    for start, s, b, sizes in zip(*pieces):
         numel = sum(sizes)
         if start > covered:
             raise ValueError(f"a piece starts at {start}, leaving elements from {covered} without a payload")
@@ -293,4 +303,4 @@ def descend_blocksign_(params: List[torch.Tensor], starts: Sequence[int], scales
         covered = max(covered, start + numel)
     if covered < n:
         raise ValueError(f"the pieces cover {covered} of {n} elements")
-    descend_(params, delta, decay_buffer, lr, mu, weight_decay, nesterov)
+    descend_(params, delta, decay_buffer, descent)

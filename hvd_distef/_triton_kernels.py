@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import _torch_kernels as torch_path
-from ._torch_kernels import Segments
+from .kernel_args import Descent, Grads, Momentum, Segments
 
 #: elements per task; tiles are aligned to it (a multiple of 32)
 TILE = 4096
@@ -331,29 +331,32 @@ def blocksign_decompress(scales: torch.Tensor, bits: torch.Tensor, block_sizes: 
     return blocksign_decompress_mean([scales], [bits], block_sizes, numel, out=out, tile=tile)
 
 
-def gather_momentum(grads: Sequence[torch.Tensor], sizes: Sequence[int], d: torch.Tensor, momentum: torch.Tensor,
-                    momentum_out: torch.Tensor, mu: float, nesterov: bool, inv_scale: Optional[float] = None) -> bool:
+def gather_momentum(grads: Grads, d: torch.Tensor, momentum: Momentum) -> bool:
     """``_torch_kernels.gather_momentum``: the gradients gathered into ``d`` by torch, then
-    m' = μ·m + g into ``momentum_out`` and d = g + μ·m' (nesterov) or m' in one launch (float32 [n]
-    each). Returns whether every element of g is finite."""
-    for t, what in ((d, "d"), (momentum, "momentum"), (momentum_out, "momentum_out")):
+    m' = μ·m + g into ``momentum.next`` and d = g + μ·m' (nesterov) or m' in one launch per stretch of
+    parameters with the same μ and nesterov (float32 [n] each). Returns whether every element of g is
+    finite."""
+    for t, what in ((d, "d"), (momentum.current, "momentum"), (momentum.next, "momentum_out")):
         _check(t, what)
-    finite = torch_path.gather(grads, sizes, d, inv_scale)
-    n = d.numel()
-    if mu == 0:
-        if momentum_out.data_ptr() != momentum.data_ptr():
-            momentum_out.copy_(momentum)
-    elif n:
-        _momentum_kernel[(triton.cdiv(n, ELEMENTWISE),)](d, momentum, momentum_out, n, mu, NESTEROV=bool(nesterov),
-                                                         BLOCK=ELEMENTWISE, **_LAUNCH)
+    finite = torch_path.gather(grads.grads, grads.sizes, d, grads.inv_scale)
+    for lo, hi, mu, nesterov in torch_path.runs(grads.sizes, momentum.mus, momentum.nesterovs):
+        m, m_out = momentum.current[lo:hi], momentum.next[lo:hi]
+        if mu == 0:
+            if m_out.data_ptr() != m.data_ptr():
+                m_out.copy_(m)
+        elif hi > lo:
+            _momentum_kernel[(triton.cdiv(hi - lo, ELEMENTWISE),)](d[lo:hi], m, m_out, hi - lo, mu,
+                                                                    NESTEROV=bool(nesterov), BLOCK=ELEMENTWISE,
+                                                                    **_LAUNCH)
     return finite
 
 
-def descend_(params: List[torch.Tensor], delta: torch.Tensor, decay_buffer: Optional[torch.Tensor], lr: float,
-             mu: float, weight_decay: float, nesterov: bool) -> None:
-    """The update of SPEC §1 for one param group, in one launch that reads every parameter (contiguous
-    float32 tensors) in place; ``delta`` (float32 [Σ numel], the group's Δ̃) is read only and
-    ``decay_buffer`` (likewise) updated when ``weight_decay`` is not 0."""
+def descend_(params: List[torch.Tensor], delta: torch.Tensor, decay_buffer: Optional[torch.Tensor],
+             descent: Descent) -> None:
+    """The update of SPEC §1 for one param group (``Descent``), in one launch that reads every parameter
+    (contiguous float32 tensors) in place; ``delta`` (float32 [Σ numel], the group's Δ̃) is read only and
+    ``decay_buffer`` (likewise) updated when the weight decay is not 0."""
+    lr, mu, weight_decay, nesterov = descent
     _check(delta, "delta")
     sizes = [p.numel() for p in params]
     if sum(sizes) != delta.numel():

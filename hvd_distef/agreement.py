@@ -16,7 +16,7 @@ import zlib
 from typing import List, NamedTuple, Optional, Sequence
 
 from .comm import Comm
-from .errors import HvdDistefError, NonFiniteGradientError
+from .errors import HvdDistefError, NonFiniteGradientError, on_every_rank
 
 
 def check_construction(comm: Comm, config: Optional[dict], failure: Optional[Exception]) -> None:
@@ -27,14 +27,14 @@ def check_construction(comm: Comm, config: Optional[dict], failure: Optional[Exc
     failures = [f"rank {r}: {msg}" for r, (_, msg) in enumerate(everyone) if msg]
     if failures:
         if failure is not None:
-            raise failure
-        raise ValueError("hvd_distef.DistributedOptimizer could not be built on another rank ("
-                         + "; ".join(failures) + ")")
+            raise on_every_rank(failure)
+        raise on_every_rank(ValueError("hvd_distef.DistributedOptimizer could not be built on another rank ("
+                                       + "; ".join(failures) + ")"))
     diffs = sorted({k for conf, _ in everyone for k in set(conf) | set(config) if conf.get(k) != config.get(k)})
     if diffs:
         detail = "; ".join(f"{k}: " + ", ".join(f"rank {r}={conf.get(k)!r}" for r, (conf, _) in enumerate(everyone))
                            for k in diffs)
-        raise ValueError(f"ranks disagree on the model or options ({detail})")
+        raise on_every_rank(ValueError(f"ranks disagree on the model or options ({detail})"))
 
 
 class StepDecision(NamedTuple):
@@ -70,17 +70,18 @@ def agree_on_step(comm: Comm, has_grad: Sequence[bool], failure: Optional[Except
     agreed = [bool(h) for h in flags[6:]]
     if flags[4] != -flags[5]:  # max and min of the digests differ
         everyone = comm.allgather_obj(hyperparameters)
-        raise ValueError("ranks disagree on the hyper-parameters of this step (" + "; ".join(
-            f"rank {r}: {h}" for r, h in enumerate(everyone)) + "); change them alike on every rank")
+        raise on_every_rank(ValueError("ranks disagree on the hyper-parameters of this step (" + "; ".join(
+            f"rank {r}: {h}" for r, h in enumerate(everyone)) + "); change them alike on every rank"))
     error = None
     if any_failure or any_nonfinite:
         reports = comm.allgather_obj((list(nonfinite), None if failure is None else f"{type(failure).__name__}: {failure}"))
         failures = [f"rank {r}: {msg}" for r, (_, msg) in enumerate(reports) if msg]
         if failures:
             if failure is not None:
-                raise failure
-            raise HvdDistefError("step() failed on another rank before the exchange (" + "; ".join(failures) + ")")
+                raise on_every_rank(failure)
+            raise on_every_rank(HvdDistefError("step() failed on another rank before the exchange ("
+                                               + "; ".join(failures) + ")"))
         report = "; ".join(f"rank {r}: {', '.join(bad)}" for r, (bad, _) in enumerate(reports) if bad)
-        error = NonFiniteGradientError(f"non-finite gradient ({report}); nothing was updated. "
-                                       f"Lower the lr, check the data, or pass nonfinite='skip'")
+        error = on_every_rank(NonFiniteGradientError(f"non-finite gradient ({report}); nothing was updated. "
+                                                     f"Lower the lr, check the data, or pass nonfinite='skip'"))
     return StepDecision(has_grad=agreed, found_inf=bool(any_inf), nonfinite=error, redo=bool(any_redo))

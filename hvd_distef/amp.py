@@ -10,7 +10,21 @@ allreducing before ``unscale_``).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+
+def loss_scale(optimizer) -> Optional[torch.Tensor]:
+    """The loss scale torch's GradScaler sets on the optimizer around ``step()`` (its
+    ``_step_supports_amp_scaling`` protocol), or None outside AMP."""
+    return getattr(optimizer, "grad_scale", None)
+
+
+def found_inf(optimizer) -> bool:
+    """Whether torch's GradScaler found an inf for this step (set around ``step()``, as ``loss_scale``)."""
+    found = getattr(optimizer, "found_inf", None)
+    return found is not None and bool(found.item() > 0)
 
 
 class GradScaler(torch.amp.GradScaler):

@@ -18,14 +18,38 @@ of the thread and of the thread calling ``step()`` never run at the same time.
 from __future__ import annotations
 
 import threading
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
-from .fused import Range
+from .error_feedback import Shard
+from .fused import FusedLayout, Range
 
 #: DDP's default bucket size
 DEFAULT_BUCKET_CAP_MB = 25.0
 #: seconds between the pipeline's progress calls while it waits for a bucket
 PROGRESS_S = 5e-4
+
+
+class Bucket(NamedTuple):
+    """A bucket of the fused buffer: parameters [first, stop_param), elements [start, stop), its topology,
+    and the topology's shards in the fused buffer's coordinates."""
+
+    first: int
+    stop_param: int
+    start: int
+    stop: int
+    topology: object  #: a ``topologies.Topology``
+    worker_shards: List[Shard]
+
+
+def build(layout: FusedLayout, cap_mb: Optional[float], topology_cls, comm, compressor, delta, **options) -> List[Bucket]:
+    """The buckets of ``plan`` and a topology each, exchanging into their slice of ``delta``."""
+    out = []
+    for first, stop in plan(layout.sizes, cap_mb):
+        start, end = layout.bounds[first][0], layout.bounds[stop - 1][1]
+        topology = topology_cls(comm, compressor, layout.sizes[first:stop], layout.device, delta[start:end], **options)
+        out.append(Bucket(first, stop, start, end, topology,
+                          [Shard(start + s.start, start + s.stop, s.block_sizes) for s in topology.shards]))
+    return out
 
 
 def plan(sizes: Sequence[int], cap_mb: Optional[float]) -> List[Range]:
@@ -52,7 +76,9 @@ def plan(sizes: Sequence[int], cap_mb: Optional[float]) -> List[Range]:
 
 class BucketPipeline:
     """One background thread per step that runs ``work(k)`` for k = 0, 1, ... in order, each once
-    its bucket's gradients are final (``ready``) or ``step()`` drains it.
+    its bucket's gradients are final (``ready``) or ``step()`` drains it. Where the script ends (an
+    exception, a time limit) after a backward without ``step()``, the thread ends after the buckets
+    already final, before Python and MPI finalize.
 
     Args:
         bucket_of: for each fused parameter, the index of its bucket.
@@ -91,7 +117,8 @@ class BucketPipeline:
 
     def _start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="hvd_distef-buckets", daemon=True)
+            # not a daemon: the interpreter lets it finish the bucket in hand before MPI finalizes at exit
+            self._thread = threading.Thread(target=self._run, name="hvd_distef-buckets")
             self._thread.start()
 
     def _run(self) -> None:
@@ -102,6 +129,8 @@ class BucketPipeline:
                         if self._cond.wait_for(lambda: self._draining or len(self._final[k]) == self._sizes[k],
                                                timeout=PROGRESS_S):
                             break
+                    if not threading.main_thread().is_alive():  # the script has ended: no step() will drain
+                        return
                     self._progress()
                 self._work(k)
         except BaseException as exc:  # re-raised by drain() in the thread that called step()

@@ -9,24 +9,33 @@ bytes reach MPI (directly, or through pinned host buffers reused across steps).
 """
 from __future__ import annotations
 
-import contextlib
+import copy
 import ctypes
 import os
+import pickle
 import sys
-import threading
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .errors import HvdDistefError
+from .errors import HvdDistefError, raised_on_every_rank
 
 GLOO_HINT = ("hvd_distef talks MPI through mpi4py; launch with MPI (horovodrun --mpi, mpirun or "
              "srun --mpi=pmix) and install mpi4py against the same MPI as Horovod")
-#: seconds a collective may wait before the job is aborted (a launcher sets it; timeout_s= wins)
+#: seconds a collective may wait before the job is aborted (a launcher sets it; timeout_s= wins); torch's
+#: default collective timeout is 10 to 30 minutes: a rank-0-only evaluation or checkpoint may take long
 TIMEOUT_ENV = "HVD_DISTEF_TIMEOUT_S"
-DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_TIMEOUT_S = 1800.0
+#: seconds a collective waits before rank 0 warns, naming the ranks not in it (Horovod's stall check: 60 s)
+STALL_WARNING_ENV = "HVD_DISTEF_STALL_WARNING_S"
+DEFAULT_STALL_WARNING_S = 60.0
+#: seconds of waiting (at most a quarter of the warning's) after which a rank tells rank 0 which
+#: collective it waits in, for the warning
+REPORT_AFTER_S = 1.0
+STALL_TAG = 17
 #: 1 or 0: whether MPI may be handed CUDA buffers; unset: ask the MPI library (MPIX_Query_cuda_support)
 CUDA_AWARE_ENV = "HVD_DISTEF_CUDA_AWARE"
 
@@ -40,48 +49,27 @@ def check_not_gloo(mpi_size: int) -> None:
                              f"world has {mpi_size} rank(s)); {GLOO_HINT}")
 
 
-class Watchdog:
-    """Aborts the whole job when one of our collectives waits longer than its bound (a peer rank
-    died or hung), so no allocation burns waiting forever. One daemon thread per process, however
-    many optimizers are built (``Watchdog.shared``), polling once a second."""
+def _seconds(name: str, given: Optional[float], env: str, default: float) -> float:
+    """A positive number of seconds: ``given``, else the environment variable ``env``, else ``default``."""
+    value = float(os.environ.get(env, default)) if given is None else given
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return float(value)
 
-    _shared: Optional["Watchdog"] = None
 
-    @classmethod
-    def shared(cls, world) -> "Watchdog":
-        if cls._shared is None:
-            cls._shared = cls(world)
-        return cls._shared
-
-    def __init__(self, world):
-        self.world = world
-        self.since: Optional[float] = None
-        self.what = ""
-        self.timeout_s = DEFAULT_TIMEOUT_S
-        self.rank = world.Get_rank()
-        self._lock = threading.Lock()
-        threading.Thread(target=self._run, name="hvd_distef-watchdog", daemon=True).start()
-
-    @contextlib.contextmanager
-    def watch(self, what: str, timeout_s: float):
-        with self._lock:
-            self.what, self.timeout_s, self.since = what, timeout_s, time.monotonic()
-        try:
-            yield
-        finally:
-            self.since = None
-
-    def _run(self):
-        while True:
-            time.sleep(min(1.0, self.timeout_s / 4))
-            since = self.since
-            if since is not None and time.monotonic() - since > self.timeout_s:
-                sys.stderr.write(f"hvd_distef: rank {self.rank}: no progress for {self.timeout_s:.0f} s in "
-                                 f"{self.what}: a peer rank has died or hung, or stopped stepping early (uneven "
-                                 f"batches, hvd.join()). Aborting the job (the bound is timeout_s= of "
-                                 f"DistributedOptimizer or {TIMEOUT_ENV}).\n")
-                sys.stderr.flush()
-                self.world.Abort(1)
+def check_mpi(MPI, mpi_comm, process_set) -> None:
+    """What our threads and collectives assume of MPI: ``MPI_THREAD_MULTIPLE`` (Horovod's background thread
+    and overlap's bucket thread call MPI beside the thread that steps), and, where Horovod was started on a
+    communicator of its own (``hvd.init(comm=...)``), that we are told which (``comm=``)."""
+    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+        raise HvdDistefError("MPI was started without MPI_THREAD_MULTIPLE (mpi4py.rc.thread_level set lower, or an "
+                             "MPI built without thread support): Horovod's background thread calls MPI beside ours; "
+                             "leave mpi4py's default thread level, or use an MPI built with threads")
+    horovod = sys.modules.get("horovod.torch")
+    if (mpi_comm is None and process_set is None and horovod is not None and horovod.is_initialized()
+            and horovod.size() != MPI.COMM_WORLD.Get_size()):
+        raise ValueError(f"Horovod runs on {horovod.size()} of the {MPI.COMM_WORLD.Get_size()} ranks of "
+                         f"MPI.COMM_WORLD (hvd.init(comm=...)): pass the same communicator as comm=")
 
 
 class Pending:
@@ -92,71 +80,159 @@ class Pending:
         self.wait, self.test = wait, test
 
 
-#: one duplicate per base communicator, shared by every optimizer built on it: a sweep that builds
-#: many optimizers holds one communicator, not one each (our collectives never interleave: they run
-#: in the thread that calls step(), or in the bucket thread while that one waits; see buckets.py)
-_DUPLICATES: Dict[tuple, Any] = {}  # (handle, world ranks) of a base communicator -> its duplicate
-_PROCESS_SETS: Dict[tuple, Any] = {}  # ranks of a Horovod process set -> their communicator
-
-
-#: set by ``initialize_mpi``: hvd.init() ran before hvd_distef was imported, so Horovod initialized MPI
-_HOROVOD_OWNS_MPI = False
 HOROVOD_FIRST = ("hvd.init() ran before hvd_distef was imported, so Horovod initialized MPI, and Horovod "
                  "finalizes an MPI it initialized on its background thread as soon as any rank's Horovod shuts "
                  "down (when the first rank ends), while the other ranks may still be in hvd_distef's "
                  "collectives: they would hang or crash. Import hvd_distef (or mpi4py's MPI) before hvd.init()")
-
-
 #: Open MPI's setting for a rank waiting in MPI: yield its core between polls instead of spinning (what
 #: Open MPI does by itself when a node is oversubscribed). Horovod's background thread waits in MPI every
 #: cycle beside the thread that computes; where a rank has one core, its spinning takes compute from
 #: stock Horovod and from us alike. Given before MPI starts, unless the launcher or the user gave it.
 YIELD_WHEN_IDLE = ("OMPI_MCA_mpi_yield_when_idle", "1")
+#: what an MPI launcher puts in every rank's environment: Open MPI's mpirun, MPICH and Intel MPI (PMI),
+#: Slurm's srun (PMIx), horovodrun
+LAUNCHED_BY = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "HOROVOD_RANK")
+
+
+class MPIProcess:
+    """This process's MPI, one object per process (``PROCESS``): who started it, and the communicators
+    our collectives run on.
+
+    MPI is started through mpi4py (``start``: ``MPI_THREAD_MULTIPLE``, and Open MPI's ``YIELD_WHEN_IDLE``
+    unless set) before ``hvd.init()`` can start it: ``import hvd_distef`` does it in a process that an MPI
+    launcher started (``LAUNCHED_BY``), and ``Comm`` in any other (a plain process imports the report or
+    the CLI's parser without starting MPI). mpi4py then finalizes MPI at interpreter exit, on the main
+    thread, after Horovod's own shutdown (an ``atexit`` handler) has stopped Horovod's thread, and
+    MPI_Finalize lets every rank's last messages arrive. Where Horovod started MPI instead
+    (``horovod_first``), it finalizes it on its background thread when any rank ends, under the other
+    ranks' collectives: ``Comm`` refuses that order wherever there are other ranks (``HOROVOD_FIRST``).
+
+    Communicators: one duplicate per base communicator (Horovod's world, a user's ``comm=``, a process
+    set's ranks), shared by every optimizer built on it with ``overlap=False``, so a sweep that builds many
+    optimizers holds one communicator, not one each: their collectives all run in the thread that calls
+    step(), one at a time. An optimizer with ``overlap=True`` exchanges on its bucket thread while the
+    script goes on (another optimizer's step, in a GAN): it gets a duplicate of its own (``Comm.private``),
+    so that no two optimizers' collectives can ever interleave on one communicator.
+    """
+
+    def __init__(self):
+        self.horovod_first = False
+        self._duplicates: Dict[tuple, tuple] = {}  # (handle, world ranks) of a base -> (duplicate, StallReports)
+        self._process_sets: Dict[tuple, Any] = {}  # ranks of a Horovod process set -> their communicator
+        self._created = self._serials = 0
+        self.abort_enabled, self.aborts = True, False  # ``abort_on_exception``
+
+    def abort_on_exception(self) -> None:
+        """From the first ``Comm`` of a job of several ranks on: an exception that no code catches ends the
+        whole job (``MPI_Abort``) once Python has printed its traceback, as under ``python -m mpi4py``, instead
+        of leaving the other ranks waiting in the next exchange. ``set_abort_on_exception(False)`` turns it
+        off (a script that handles a rank's end itself)."""
+        if self.aborts or not self.abort_enabled:
+            return
+        previous = sys.excepthook
+
+        def hook(kind, value, traceback):
+            previous(kind, value, traceback)
+            if not self.abort_enabled or raised_on_every_rank(value):  # every rank ends by itself
+                return
+            from mpi4py import MPI
+            sys.stderr.write(f"hvd_distef: rank {MPI.COMM_WORLD.Get_rank()}: uncaught {kind.__name__}; aborting "
+                             f"the job so that no rank waits for this one (hvd_distef.set_abort_on_exception(False) "
+                             f"to turn this off)\n")
+            sys.stderr.flush()
+            MPI.COMM_WORLD.Abort(1)
+
+        sys.excepthook, self.aborts = hook, True
+
+    @staticmethod
+    def launched(environ=os.environ) -> bool:
+        """Whether an MPI launcher started this process."""
+        return any(name in environ for name in LAUNCHED_BY)
+
+    def start(self) -> None:
+        """Start MPI through mpi4py unless it runs already, noting whether Horovod started it first."""
+        if "mpi4py.MPI" in sys.modules:
+            return
+        horovod = sys.modules.get("horovod.torch")
+        self.horovod_first = horovod is not None and bool(horovod.is_initialized())
+        if not self.horovod_first:
+            os.environ.setdefault(*YIELD_WHEN_IDLE)
+        try:
+            from mpi4py import MPI  # noqa: F401  (importing it initializes MPI)
+        except ImportError:
+            pass  # Comm says why, when an optimizer is built
+
+    def communicator(self, mpi_comm: Optional[Any], process_set: Optional[Any]):
+        """The base communicator of an optimizer: ``comm=``, else the ranks of Horovod's ``process_set=``
+        (COMM_SELF on a rank outside it: it trains locally, as horovod.torch does), else MPI.COMM_WORLD."""
+        from mpi4py import MPI
+        if mpi_comm is not None and process_set is not None:
+            raise ValueError("give comm= or process_set=, not both")
+        if process_set is None:
+            return MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        if getattr(process_set, "mpi_comm", None) is not None:
+            return process_set.mpi_comm
+        ranks = getattr(process_set, "ranks", None)
+        if ranks is None:
+            raise ValueError(f"process_set {process_set} is not registered with Horovod: pass it to "
+                             f"hvd.init(process_sets=...) or hvd.add_process_set() first")
+        ranks = sorted(int(r) for r in ranks)
+        world = MPI.COMM_WORLD
+        if ranks == list(range(world.Get_size())):
+            return world
+        if world.Get_rank() not in ranks:
+            return MPI.COMM_SELF
+        if tuple(ranks) not in self._process_sets:
+            self._process_sets[tuple(ranks)] = world.Create_group(world.Get_group().Incl(ranks))
+        return self._process_sets[tuple(ranks)]
+
+    def duplicate(self, base, complete: Callable[..., None]):
+        """The duplicate of ``base`` our collectives run on and the ``StallReports`` of its ranks (two
+        MPI_Comm_idup once per base, completed by ``complete(what, request)``)."""
+        from mpi4py import MPI
+        # keyed by the handle and the world ranks it holds: a freed user communicator's handle may be
+        # reused for another group, which then gets a duplicate of its own
+        group, world = base.Get_group(), MPI.COMM_WORLD.Get_group()
+        key = (base.py2f(), tuple(MPI.Group.Translate_ranks(group, list(range(group.Get_size())), world)))
+        group.Free()
+        world.Free()
+        if key not in self._duplicates:
+            self._duplicates[key] = (self.idup(base, complete), StallReports(self.idup(base, complete, counted=False)))
+        return self._duplicates[key]
+
+    def idup(self, base, complete: Callable[..., None], counted: bool = True):
+        """A new duplicate of ``base`` (collective over its ranks), counted in ``duplicates`` unless it only
+        carries stall reports."""
+        dup, request = base.Idup()
+        complete("MPI_Comm_idup", request)
+        self._created += counted
+        return dup
+
+    def next_serial(self) -> int:
+        """1, 2, ...: the ``Comm`` objects of this process, numbered in the order they were built."""
+        self._serials += 1
+        return self._serials
+
+    @property
+    def duplicates(self) -> int:
+        """How many communicators this process has duplicated for collectives."""
+        return self._created
+
+
+#: this process's MPI (``MPIProcess``)
+PROCESS = MPIProcess()
+
+
+def set_abort_on_exception(enabled: bool) -> None:
+    """Whether an uncaught exception on one rank aborts the whole job (the default once an optimizer is
+    built in a job of several ranks; ``MPIProcess.abort_on_exception``)."""
+    PROCESS.abort_enabled = bool(enabled)
 
 
 def initialize_mpi() -> None:
-    """Initialize MPI through mpi4py (``MPI_THREAD_MULTIPLE``; Open MPI's ``YIELD_WHEN_IDLE`` unless
-    set), when hvd_distef is imported: before ``hvd.init()`` can. mpi4py then finalizes MPI at
-    interpreter exit, on the main thread, after Horovod's own shutdown (an ``atexit`` handler) has
-    stopped Horovod's thread, and MPI_Finalize lets every rank's last messages arrive. Where Horovod
-    initialized MPI instead, it finalizes it on its background thread when any rank ends, under this
-    rank's collectives; ``Comm`` refuses that order (``HOROVOD_FIRST``)."""
-    global _HOROVOD_OWNS_MPI
-    horovod = sys.modules.get("horovod.torch")
-    _HOROVOD_OWNS_MPI = ("mpi4py.MPI" not in sys.modules and horovod is not None
-                         and bool(horovod.is_initialized()))
-    if "mpi4py.MPI" not in sys.modules and not _HOROVOD_OWNS_MPI:
-        os.environ.setdefault(*YIELD_WHEN_IDLE)
-    try:
-        from mpi4py import MPI  # noqa: F401  (importing it initializes MPI)
-    except ImportError:
-        pass  # Comm says why, when an optimizer is built
-
-
-def communicator(mpi_comm: Optional[Any], process_set: Optional[Any]):
-    """The mpi4py communicator our collectives run on: ``comm=``, else the ranks of Horovod's
-    ``process_set=`` (COMM_SELF on a rank outside it: it trains locally, as horovod.torch does),
-    else MPI.COMM_WORLD."""
-    from mpi4py import MPI
-    if mpi_comm is not None and process_set is not None:
-        raise ValueError("give comm= or process_set=, not both")
-    if process_set is None:
-        return MPI.COMM_WORLD if mpi_comm is None else mpi_comm
-    if getattr(process_set, "mpi_comm", None) is not None:
-        return process_set.mpi_comm
-    ranks = getattr(process_set, "ranks", None)
-    if ranks is None:
-        raise ValueError(f"process_set {process_set} is not registered with Horovod: pass it to "
-                         f"hvd.init(process_sets=...) or hvd.add_process_set() first")
-    ranks = sorted(int(r) for r in ranks)
-    world = MPI.COMM_WORLD
-    if ranks == list(range(world.Get_size())):
-        return world
-    if world.Get_rank() not in ranks:
-        return MPI.COMM_SELF
-    if tuple(ranks) not in _PROCESS_SETS:
-        _PROCESS_SETS[tuple(ranks)] = world.Create_group(world.Get_group().Incl(ranks))
-    return _PROCESS_SETS[tuple(ranks)]
+    """At ``import hvd_distef``: start MPI where an MPI launcher started this process (``MPIProcess``)."""
+    if PROCESS.launched():
+        PROCESS.start()
 
 
 def cuda_aware_mpi(MPI) -> bool:
@@ -232,49 +308,134 @@ class Staging:
         return self.inplace(torch.empty(n, dtype=dtype, device=device))
 
 
+class StallReports:
+    """Who waits in which collective, for the stall warning (Horovod's stall check). A rank that has waited
+    ``REPORT_AFTER_S`` in a collective tells rank 0 so, and again when the wait ends, in small messages on a
+    communicator of their own; rank 0, once it has waited ``stall_warning_s`` itself, reads them and names
+    the ranks that are in none of our collectives (still computing, in a long evaluation, or hung). Shared
+    by the ``Comm`` objects of one group of ranks, from any thread."""
+
+    def __init__(self, mpi):
+        import threading
+        self.mpi, self.rank = mpi, mpi.Get_rank()
+        self._lock = threading.Lock()
+        self._waiting: Dict[int, str] = {}  # rank 0: rank -> the collective it reported waiting in
+        self._sends: List[Any] = []
+
+    def tell(self, what: Optional[str]) -> None:
+        """Tell rank 0 that this rank waits in ``what`` (None: no longer)."""
+        with self._lock:
+            self._sends = [r for r in self._sends if not r.Test()]
+            self._sends.append(self.mpi.isend(what, dest=0, tag=STALL_TAG))
+
+    def waiting(self) -> Dict[int, str]:
+        """On rank 0: the other ranks that reported waiting, and where, from the reports received so far."""
+        from mpi4py import MPI
+        with self._lock:
+            while True:
+                status = MPI.Status()
+                message = self.mpi.improbe(source=MPI.ANY_SOURCE, tag=STALL_TAG, status=status)
+                if message is None:
+                    return dict(self._waiting)
+                what = message.recv()
+                if what is None:
+                    self._waiting.pop(status.Get_source(), None)
+                else:
+                    self._waiting[status.Get_source()] = what
+
+
 class Comm:
     """MPI collectives on raw byte buffers (uint8 tensors on the CPU or a CUDA device: what a
     collective returns lies where its input does), counting what each rank sends and receives."""
 
     def __init__(self, mpi_comm: Optional[Any] = None, timeout_s: Optional[float] = None,
-                 process_set: Optional[Any] = None):
+                 process_set: Optional[Any] = None, stall_warning_s: Optional[float] = None):
+        PROCESS.start()
         try:
             from mpi4py import MPI
         except ImportError as exc:
             raise HvdDistefError(f"cannot use MPI ({exc}); {GLOO_HINT}") from exc
-        if _HOROVOD_OWNS_MPI:  # before any MPI call: another rank's exit may finalize MPI under this one
+        # before any collective: another rank's exit may finalize MPI under this one
+        if PROCESS.horovod_first and sys.modules["horovod.torch"].size() > 1:  # Horovod's, cached: no MPI call
             raise HvdDistefError(HOROVOD_FIRST)
         self.MPI = MPI
         check_not_gloo(MPI.COMM_WORLD.Get_size())
-        if timeout_s is None:
-            timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-        self.timeout_s = float(timeout_s)
-        self.watchdog = Watchdog.shared(MPI.COMM_WORLD)
+        if MPI.COMM_WORLD.Get_size() > 1:
+            check_mpi(MPI, mpi_comm, process_set)
+            PROCESS.abort_on_exception()
+        self.timeout_s = _seconds("timeout_s", timeout_s, TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+        self.stall_warning_s = _seconds("stall_warning_s", stall_warning_s, STALL_WARNING_ENV,
+                                        DEFAULT_STALL_WARNING_S)
         self.process_set = process_set
-        base = communicator(mpi_comm, process_set)
+        base = PROCESS.communicator(mpi_comm, process_set)
         self.is_world = base == MPI.COMM_WORLD
-        # keyed by the handle and the world ranks it holds: a freed user communicator's handle may be
-        # reused for another group, which then gets a duplicate of its own
-        group, world = base.Get_group(), MPI.COMM_WORLD.Get_group()
-        key = (base.py2f(), tuple(MPI.Group.Translate_ranks(group, list(range(group.Get_size())), world)))
-        group.Free()
-        world.Free()
-        if key not in _DUPLICATES:
-            with self.watch("MPI_Comm_dup"):
-                _DUPLICATES[key] = base.Dup()
-        base = _DUPLICATES[key]
-        self.mpi = base
+        self.rank, self.size, self.stalls = base.Get_rank(), base.Get_size(), None  # until the duplicates exist
+        self.mpi, self.stalls = PROCESS.duplicate(base, self.complete)
         self.rank = self.mpi.Get_rank()
         self.size = self.mpi.Get_size()
         self.bytes_sent = 0
         self.bytes_received = 0
         self.staging = Staging(cuda_aware_mpi(MPI))
+        self.serial, self._names = PROCESS.next_serial(), 0
 
-    def watch(self, what: str):
-        """Bound a collective by this communicator's timeout (see ``Watchdog``)."""
-        return self.watchdog.watch(what, self.timeout_s)
+    def unique_name(self, prefix: str) -> str:
+        """A name for a Horovod operation of this ``Comm``'s owner, the same on every rank (optimizers and
+        their buckets are built in the same order everywhere) and unlike any other's in this process."""
+        self._names += 1
+        return f"{prefix}.{self.serial}.{self._names}"
+
+    def private(self) -> "Comm":
+        """A ``Comm`` like this one on a new duplicate of its communicator (collective: every rank of it
+        calls this together), with counters of its own: for an optimizer whose bucket thread runs
+        collectives beside the script's other collectives (``MPIProcess``)."""
+        other = copy.copy(self)
+        other.mpi = PROCESS.idup(self.mpi, self.complete)
+        other.bytes_sent = other.bytes_received = 0
+        other.serial, other._names = PROCESS.next_serial(), 0
+        other.staging = Staging(self.staging.cuda_aware)
+        return other
+
+    def wait_until(self, what: str, done: Callable[[], bool]) -> None:
+        """Poll ``done()``, giving the core away between polls, until it is true. After ``stall_warning_s``
+        rank 0 warns, naming the ranks in none of our collectives (the others warn at twice the bound:
+        rank 0 may be the one missing); after ``timeout_s`` (a peer rank died or hung) this rank says so on
+        its stderr and aborts the job, so that no allocation burns waiting forever."""
+        start = time.monotonic()
+        reported = warned = False
+        while not done():
+            os.sched_yield()
+            waited = time.monotonic() - start
+            if waited < min(REPORT_AFTER_S, self.stall_warning_s / 4):
+                continue
+            if not reported and self.rank != 0 and self.stalls is not None:
+                self.stalls.tell(what)
+                reported = True
+            if not warned and waited > self.stall_warning_s * (1 if self.rank == 0 else 2):
+                self._warn_stall(what, waited)
+                warned = True
+            if waited > self.timeout_s:
+                sys.stderr.write(f"hvd_distef: rank {self.MPI.COMM_WORLD.Get_rank()}: no progress for "
+                                 f"{self.timeout_s:.0f} s in {what}: a peer rank has died or hung, or stopped "
+                                 f"stepping early (uneven batches, hvd.join()). Aborting the job (the bound is "
+                                 f"timeout_s= of DistributedOptimizer or {TIMEOUT_ENV}).\n")
+                sys.stderr.flush()
+                self.MPI.COMM_WORLD.Abort(1)
+        if reported:
+            self.stalls.tell(None)
+
+    def _warn_stall(self, what: str, waited: float) -> None:
+        where = f"hvd_distef: rank {self.rank} has waited {waited:.0f} s in {what}"
+        if self.rank == 0 and self.stalls is not None:
+            waiting = self.stalls.waiting()
+            missing = [r for r in range(1, self.size) if r not in waiting]
+            where += (f"; ranks in none of our collectives (still computing, in a long evaluation or "
+                      f"checkpoint, or hung): {', '.join(map(str, missing)) or 'none'}")
+            others = sorted(set(waiting.values()) - {what})
+            if others:
+                where += f"; other ranks wait in {', '.join(others)}"
+        warnings.warn(f"{where}. The job goes on; it is aborted after timeout_s = {self.timeout_s:.0f} s of "
+                      f"waiting (DistributedOptimizer's timeout_s= and stall_warning_s=, or {TIMEOUT_ENV} and "
+                      f"{STALL_WARNING_ENV})", RuntimeWarning)
 
     def complete(self, what: str, *requests) -> None:
         """Wait until MPI ``requests`` complete, polling ``MPI_Test`` and giving the core away between
@@ -284,10 +445,8 @@ class Comm:
         every cycle (1 ms by default, idle or not); a blocking wait of ours then handed progress back and
         forth with it, a few cycles more per step (BENCHMARKS.md, "Waiting in MPI beside Horovod's
         background thread")."""
-        test = requests[0].Test if len(requests) == 1 else lambda: self.MPI.Request.Testall(list(requests))
-        with self.watch(what):
-            while not test():
-                os.sched_yield()
+        self.wait_until(what, requests[0].Test if len(requests) == 1
+                        else lambda: self.MPI.Request.Testall(list(requests)))
 
     def _count(self, sent: float, received: float) -> None:
         self.bytes_sent += sent
@@ -403,5 +562,11 @@ class Comm:
         return out.tolist()
 
     def allgather_obj(self, obj: Any) -> List[Any]:
-        with self.watch("MPI Allgather"):
-            return self.mpi.allgather(obj)
+        """Every rank's picklable ``obj``, in rank order (not counted: control messages)."""
+        mine = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+        sizes = np.zeros(self.size, dtype=np.int64)
+        self.complete("MPI Allgather (sizes)", self.mpi.Iallgather(np.array([mine.size], dtype=np.int64), sizes))
+        everything = np.empty(int(sizes.sum()), dtype=np.uint8)
+        self.complete("MPI Allgatherv", self.mpi.Iallgatherv(mine, [everything, sizes.tolist()]))
+        ends = np.cumsum(sizes)
+        return [pickle.loads(everything[end - n:end].tobytes()) for n, end in zip(sizes, ends)]

@@ -11,9 +11,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .compressors import Compressor
+from .kernel_args import Segments
 from .payload import Payload
-
-Segments = List[Tuple[int, int, float]]
 
 
 class Shard(NamedTuple):

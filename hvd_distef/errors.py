@@ -7,3 +7,15 @@ class HvdDistefError(RuntimeError):
 
 class NonFiniteGradientError(HvdDistefError, FloatingPointError):
     """Some rank produced a NaN or infinite gradient; raised on every rank before any buffer changes."""
+
+
+def on_every_rank(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as raised by every rank together (a collective decision): uncaught, it ends each rank
+    by itself, with its own traceback, and needs no ``MPI_Abort`` (``comm.MPIProcess.abort_on_exception``)."""
+    exc.hvd_distef_on_every_rank = True
+    return exc
+
+
+def raised_on_every_rank(exc: BaseException) -> bool:
+    """Whether ``exc`` was marked by ``on_every_rank``."""
+    return getattr(exc, "hvd_distef_on_every_rank", False)

@@ -116,8 +116,12 @@ class FusedLayout:
     def has_grad(self) -> List[bool]:
         return [p.grad is not None for p in self.params]
 
-    def check_frozen(self) -> None:
-        """Raises ValueError for a parameter that was not fused (frozen) and has a gradient now."""
+    def check_params(self) -> None:
+        """Raises ValueError for a fused parameter that is no longer float32, or one that was not fused
+        (frozen) and has a gradient now."""
+        moved = [n for n, p in zip(self.names, self.params) if p.dtype != torch.float32]
+        if moved:
+            raise ValueError(f"{', '.join(moved)} is no longer float32 (the fused buffer is float32)")
         unfrozen = [self.names_by_param[p] for p in self.frozen if p.grad is not None]
         if unfrozen:
             raise ValueError(f"{', '.join(unfrozen)} had requires_grad=False when the optimizer was built and "
@@ -177,6 +181,13 @@ class FusedLayout:
                 p.grad = view.clone()
             else:
                 p.grad.copy_(view)
+
+    def fill_nan(self, has_grad: Sequence[bool]) -> None:
+        """NaN into p.grad where some rank had a gradient (what a non-finite gradient anywhere leaves
+        after Horovod's ``synchronize()``)."""
+        for p, h in zip(self.params, has_grad):
+            if h:
+                p.grad = torch.full_like(p, float("nan"))
 
     def read_grads(self, flat: torch.Tensor) -> None:
         """p.grad back into ``flat`` where it is set (what the user left after ``synchronize()``)."""

@@ -12,14 +12,32 @@ script").
 - ``num_groups=`` / ``groups=``: validated as Horovod does; we always fuse every gradient into one
   exchange, which is what grouping approximates.
 - ``sparse_as_dense=``: sparse gradients are always densified.
+
+And the one call Horovod makes into the optimizer on its own: ``broadcast_optimizer_state``'s step() that
+creates torch's state (``creating_state``).
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional
 
 import torch
 
 _HOROVOD_COMPRESSORS = {"NoneCompressor": "none", "FP16Compressor": "fp16"}
+
+
+def creating_state(depth: int = 16) -> bool:
+    """Whether the step() being run was called by ``horovod.torch``'s ``broadcast_optimizer_state`` (to
+    create torch's per-parameter state on a rank whose optimizer has none), within ``depth`` frames."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "broadcast_optimizer_state" and "horovod" in code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def compression_name(spec: Any) -> Any:
@@ -34,15 +52,16 @@ def compression_name(spec: Any) -> Any:
     return spec
 
 
-def reduce_op(op: Any, update_rule: str) -> str:
-    """"average" or "sum" for Horovod's op (None: average)."""
+def reduce_op(op: Any, sums: bool) -> str:
+    """"average" or "sum" for Horovod's op (None: average); ``sums``: whether the update rule can take a
+    sum (torch's SGD on the allreduced gradient) rather than SPEC §1's server average."""
     if op is None:
         return "average"
     import horovod.torch as hvd
     if op == hvd.Average:
         return "average"
     if op == hvd.Sum:
-        if update_rule != "sgd":
+        if not sums:
             raise ValueError("op=hvd.Sum: the server of SPEC §1 averages the workers' Δ_i; op=Sum is "
                              "accepted with topology='allreduce' only")
         return "sum"

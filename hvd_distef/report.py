@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 
 from .train.cli import OneLineParser
 from .train.environment import differences
-from .train.loop import CONFIG_FILE, METRICS_FILE
+from .train.files import CONFIG_FILE, METRICS_FILE
 
 #: methods that are the baseline, the first present wins (stock Horovod, float32, then ours)
 BASELINES = (("horovod", "none"), ("sgdm", "none"))

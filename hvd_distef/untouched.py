@@ -1,5 +1,4 @@
-"""What a step must leave as it was (SPEC §5a), kept aside and put back around the exchange; and
-what the buckets exchanged during backward changed, put back when the step does not go ahead.
+"""What a step must leave as it was (SPEC §5a), kept aside and put back around the exchange.
 
 The fused buffer has one layout for every step, so that every rank exchanges the same payload
 shape. A parameter whose gradient is None on every rank takes part in that exchange with a zero
@@ -11,7 +10,6 @@ nothing.
 """
 from __future__ import annotations
 
-import copy
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -55,53 +53,3 @@ class Untouched:
             view.copy_(saved)
         for memory, lo, hi, saved in self._memories:
             memory.error[lo:hi].copy_(saved)
-
-
-class Rollback:
-    """The state that the buckets exchanged during backward (``overlap=True``) change before every
-    rank has agreed on the step: worker and server errors and the compressors' random streams,
-    copied bucket by bucket into buffers allocated once, and put back when the step is skipped,
-    raises, or is redone (SPEC §5a: a step that does not go ahead changes nothing). The momentum
-    needs nothing: the step writes it beside the current one (``fused.DoubleBuffer``).
-
-    Args:
-        worker_memory: the worker's error memory over the fused buffer, or None.
-        server_memories: per bucket, the error memory this rank holds for it, or None.
-        compressors: per bucket, the server role's compressor; ``worker_compressor`` the worker's.
-    """
-
-    def __init__(self, worker_memory: Optional[ErrorMemory], server_memories: Sequence[Optional[ErrorMemory]],
-                 worker_compressor, compressors: Sequence):
-        self._worker = worker_memory
-        self._worker_copy = None if worker_memory is None else torch.zeros_like(worker_memory.error)
-        self._servers = list(server_memories)
-        self._server_copies = [None if m is None else torch.zeros_like(m.error) for m in self._servers]
-        self._worker_compressor = worker_compressor
-        self._compressors = list(compressors)
-        self._undo: list = []
-
-    def begin(self) -> None:
-        """A new step: nothing kept yet but the worker compressor's stream."""
-        state = copy.deepcopy(self._worker_compressor.state_dict())
-        self._undo = [lambda: self._worker_compressor.load_state_dict(state)]
-
-    def keep(self, bucket: int, start: int, stop: int) -> None:
-        """Bucket ``bucket`` (fused range [start, stop)) is about to change."""
-        undo = self._undo
-        if self._worker is not None:
-            kept = self._worker.keep(start, stop, self._worker_copy)
-            undo.append(lambda: self._worker.put_back(start, stop, self._worker_copy, kept))
-        server, store = self._servers[bucket], self._server_copies[bucket]
-        if server is not None:
-            n = store.numel()
-            server_kept = server.keep(0, n, store)
-            undo.append(lambda: server.put_back(0, n, store, server_kept))
-        compressor = self._compressors[bucket]
-        state = copy.deepcopy(compressor.state_dict())
-        undo.append(lambda: compressor.load_state_dict(state))
-
-    def restore(self) -> None:
-        """Everything kept since ``begin`` back as it was."""
-        for undo in reversed(self._undo):
-            undo()
-        self._undo = []

@@ -76,11 +76,11 @@ def test_momentum_and_update_on_cuda_match_cpu(nesterov):
     n = sum(sizes)
     delta, w_cpu, g_cpu, m_cpu = rand(n, 10), rand(n, 11), rand(n, 12), rand(n, 13)
     w_gpu, g_gpu, m_gpu = w_cpu.cuda(), g_cpu.cuda(), m_cpu.cuda()
-    _kernels.descend_(params_cpu, delta, w_cpu, 0.1, 0.9, 5e-4, nesterov)
-    _kernels.descend_(params_gpu, delta.cuda(), w_gpu, 0.1, 0.9, 5e-4, nesterov)
+    _kernels.descend_(params_cpu, delta, w_cpu, _kernels.Descent(0.1, 0.9, 5e-4, nesterov))
+    _kernels.descend_(params_gpu, delta.cuda(), w_gpu, _kernels.Descent(0.1, 0.9, 5e-4, nesterov))
     d_cpu, d_gpu = torch.empty(n), torch.empty(n, device="cuda")
-    assert _kernels.gather_momentum([g_cpu], [n], d_cpu, m_cpu, m_cpu, 0.9, nesterov)
-    assert _kernels.gather_momentum([g_gpu], [n], d_gpu, m_gpu, m_gpu, 0.9, nesterov)
+    assert _kernels.gather_momentum(_kernels.Grads([g_cpu], [n]), d_cpu, _kernels.Momentum(m_cpu, m_cpu, [0.9], [nesterov]))
+    assert _kernels.gather_momentum(_kernels.Grads([g_gpu], [n]), d_gpu, _kernels.Momentum(m_gpu, m_gpu, [0.9], [nesterov]))
     for a, b in [*zip(params_gpu, params_cpu), (w_gpu, w_cpu), (d_gpu, d_cpu), (m_gpu, m_cpu)]:
         assert torch.equal(a.cpu(), b)  # element-wise float32 arithmetic in the same order, no FMA
 

@@ -117,15 +117,33 @@ hvd_distef.DistributedOptimizer(opt, named_parameters=model.named_parameters(), 
 
 @pytest.mark.parametrize("given,seen", [(None, "1"), ("0", "0")])
 def test_a_rank_waiting_in_mpi_yields_unless_told_otherwise(given, seen):
-    """``import hvd_distef`` starts MPI with Open MPI's mpi_yield_when_idle at 1, unless the launcher
-    or the user set it (here 0, which stays)."""
+    """``import hvd_distef`` in a process a launcher started (here horovodrun's variables, one rank)
+    starts MPI with Open MPI's mpi_yield_when_idle at 1, unless the launcher or the user set it (here
+    0, which stays)."""
     env = {k: v for k, v in mpi_env().items() if k != "OMPI_MCA_mpi_yield_when_idle"}
+    env.update(HOROVOD_RANK="0", HOROVOD_SIZE="1")
     if given is not None:
         env["OMPI_MCA_mpi_yield_when_idle"] = given
     code = ("import os, hvd_distef; from mpi4py import MPI; "
             "print(MPI.Is_initialized(), os.environ['OMPI_MCA_mpi_yield_when_idle'])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["True", seen], proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_plain_process_starts_no_mpi():
+    """Importing hvd_distef, the report, the training CLI's parser or the experiments' report in a
+    process no launcher started does not initialize MPI (``python -m hvd_distef.train --help`` neither)."""
+    env = {k: v for k, v in mpi_env().items() if not k.startswith(("OMPI_COMM_WORLD", "PMI", "HOROVOD_"))}
+    code = ("import sys, hvd_distef, hvd_distef.report, hvd_distef.experiments.report; "
+            "from hvd_distef.train import cli; cli.parser(); "
+            "print('mpi4py.MPI' in sys.modules and sys.modules['mpi4py.MPI'].Is_initialized())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["False"], proc.stdout + proc.stderr[-2000:]
+    code = ("import runpy, sys\nsys.argv = ['train', '--help']\ntry:\n"
+            "    runpy.run_module('hvd_distef.train', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('MPI initialized:', 'mpi4py.MPI' in sys.modules and sys.modules['mpi4py.MPI'].Is_initialized())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert "--method" in proc.stdout and "MPI initialized: False" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
 
 def test_ranks_talk_mpi_after_another_has_ended(tmp_path):

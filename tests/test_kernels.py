@@ -6,6 +6,7 @@ import torch
 from conftest import mpi_env, run_mpi
 from hvd_distef import _kernels
 from hvd_distef import _torch_kernels as ref
+from hvd_distef.kernel_args import Descent, Feedback, Grads, Momentum, Pieces
 
 cpp = _kernels.compiled
 pytestmark = pytest.mark.skipif(cpp is None, reason=f"no compiled kernels to test: "
@@ -211,7 +212,8 @@ def test_gather_momentum_matches_torch_exactly(sizes, mu, nesterov, scale, in_pl
     for name, path in (("ref", ref), ("cpp", cpp)):
         d, m_in = torch.empty(n), m.clone()
         m_out = m_in if in_place else torch.empty(n)
-        finite = path.gather_momentum(grads, shapes, d, m_in, m_out, mu, nesterov, scale)
+        finite = path.gather_momentum(Grads(grads, shapes, scale), d,
+                                      Momentum(m_in, m_out, [mu] * len(shapes), [nesterov] * len(shapes)))
         outs[name] = (d, m_out, m_in, finite)
     (d_ref, m_ref, m_in_ref, ok_ref), (d, m_out, m_in, ok) = outs["ref"], outs["cpp"]
     assert ok and ok_ref and torch.equal(d, d_ref) and torch.equal(m_out, m_ref) and torch.equal(m_in, m_in_ref)
@@ -230,8 +232,8 @@ def test_gather_momentum_reports_nonfinite(bad):
     grads[1][33_333] = bad
     for path in (ref, cpp):
         n = 50_100
-        assert not path.gather_momentum(grads, [100, 50_000], torch.empty(n), torch.zeros(n), torch.empty(n),
-                                        0.9, True, None)
+        assert not path.gather_momentum(Grads(grads, [100, 50_000]), torch.empty(n),
+                                        Momentum(torch.zeros(n), torch.empty(n), [0.9, 0.9], [True, True]))
 
 
 @pytest.mark.parametrize("sizes", sorted(UPDATE_SIZES))
@@ -246,8 +248,8 @@ def test_descend_matches_torch_exactly(sizes, mu, wd, nesterov):
     w = w_ref.clone()
     delta = rand(n, 5)
     kept = delta.clone()
-    ref.descend_(x_ref, delta, w_ref, 0.1, mu, wd, nesterov)
-    cpp.descend_(x, delta, w, 0.1, mu, wd, nesterov)
+    ref.descend_(x_ref, delta, w_ref, Descent(0.1, mu, wd, nesterov))
+    cpp.descend_(x, delta, w, Descent(0.1, mu, wd, nesterov))
     assert all(torch.equal(a, b) for a, b in zip(x, x_ref))
     assert torch.equal(w, w_ref)
     assert torch.equal(delta, kept)  # read only
@@ -261,11 +263,11 @@ def test_descend_matches_torch_exactly(sizes, mu, wd, nesterov):
 
 def test_descend_rejects_bad_arguments():
     with pytest.raises(ValueError, match="elements"):
-        cpp.descend_([torch.zeros(3)], torch.zeros(4), None, 0.1, 0.9, 0.0, True)
+        cpp.descend_([torch.zeros(3)], torch.zeros(4), None, Descent(0.1, 0.9, 0.0, True))
     with pytest.raises(ValueError, match="contiguous"):
-        cpp.descend_([torch.zeros(4, 4).t()], torch.zeros(16), None, 0.1, 0.9, 0.0, True)
+        cpp.descend_([torch.zeros(4, 4).t()], torch.zeros(16), None, Descent(0.1, 0.9, 0.0, True))
     with pytest.raises(ValueError, match="buffer"):
-        cpp.descend_([torch.zeros(3)], torch.zeros(3), None, 0.1, 0.9, 1e-4, True)
+        cpp.descend_([torch.zeros(3)], torch.zeros(3), None, Descent(0.1, 0.9, 1e-4, True))
 
 
 def pieces_of(delta, cuts, blocks_per_piece, seed=0):
@@ -295,9 +297,10 @@ def test_descend_blocksign_is_descend_of_the_decompressed_update(sizes, mu, wd, 
     x, x_torch = [t.clone() for t in x_ref], [t.clone() for t in x_ref]
     w_ref = rand(n, 4)
     w, w_torch = w_ref.clone(), w_ref.clone()
-    ref.descend_(x_ref, delta, w_ref, 0.1, mu, wd, nesterov)
-    cpp.descend_blocksign_(x, starts, scales, bits, blocks, w, 0.1, mu, wd, nesterov)
-    ref.descend_blocksign_(x_torch, starts, scales, bits, blocks, w_torch, 0.1, mu, wd, nesterov)
+    descent = Descent(0.1, mu, wd, nesterov)
+    ref.descend_(x_ref, delta, w_ref, descent)
+    cpp.descend_blocksign_(x, Pieces(starts, scales, bits, blocks), w, descent)
+    ref.descend_blocksign_(x_torch, Pieces(starts, scales, bits, blocks), w_torch, descent)
     for got, w_got in ((x, w), (x_torch, w_torch)):
         assert all(torch.equal(a, b) for a, b in zip(got, x_ref))
         assert torch.equal(w_got, w_ref)
@@ -310,7 +313,8 @@ def test_descend_blocksign_refuses_pieces_that_leave_a_gap(path, starts, message
     kernels = cpp if path == "cpp" else ref
     _, scales, bits, blocks = pieces_of(rand(100), [0, 50, 90], 3)
     with pytest.raises(ValueError, match=message):
-        kernels.descend_blocksign_([torch.zeros(100)], starts, scales, bits, blocks, None, 0.1, 0.9, 0.0, True)
+        kernels.descend_blocksign_([torch.zeros(100)], Pieces(starts, scales, bits, blocks), None,
+                                   Descent(0.1, 0.9, 0.0, True))
 
 
 def test_multi_rank_run_agrees_with_torch_path(tmp_path):
@@ -350,16 +354,17 @@ def test_worker_step_in_one_pass_is_momentum_then_feedback(sizes, scale, settle)
         d, m_step, e_step = torch.empty(total), torch.empty(total), torch.zeros(total)
         start = 0
         for k, size in enumerate(shapes):  # the two steps apart, parameter by parameter
-            path.gather_momentum([grads[k]], [size], d[start:start + size], torch.cat([torch.zeros(offset), m,
-                                 torch.zeros(total - offset - n)])[start:start + size], m_step[start:start + size],
-                                 mus[k], nesterovs[k], scale)
+            current = torch.cat([torch.zeros(offset), m, torch.zeros(total - offset - n)])[start:start + size]
+            path.gather_momentum(Grads([grads[k]], [size], scale), d[start:start + size],
+                                 Momentum(current, m_step[start:start + size], [mus[k]], [nesterovs[k]]))
             start += size
         e_step = e.clone()
         want = path.blocksign_feedback(d[offset:offset + n].clone(), e_step, blocks, segments, *prev)
         m_in, e_in = m.clone(), e.clone()
         m_out, e_out = torch.full((n,), 7.0), torch.full((n,), 7.0)
-        scales, bits, usable = path.worker_blocksign_feedback(grads, shapes, mus, nesterovs, offset, m_in, m_out, e_in,
-                                                             e_out, blocks, segments, *prev, inv_scale=scale)
+        scales, bits, usable = path.worker_blocksign_feedback(
+            Grads(grads, shapes, scale), Momentum(m_in, m_out, mus, nesterovs),
+            Feedback(e_in, e_out, offset, blocks, segments, *prev))
         assert usable
         assert torch.equal(scales, want[0]) and torch.equal(bits, want[1])
         assert torch.equal(m_out, m_step[offset:offset + n]) and torch.equal(e_out, e_step)
@@ -373,12 +378,15 @@ def test_worker_step_in_one_pass_reports_what_is_not_finite(path, bad):
     kernels = cpp if path == "cpp" else ref
     grads = [rand(100, 1), rand(50_000, 2)]
     grads[1][33_333] = bad
-    args = ([100, 50_000], [0.9, 0.9], [True, True], 0, torch.zeros(50_100), torch.empty(50_100),
-            torch.zeros(50_100), torch.empty(50_100), [100, 50_000], [(0, 50_100, 1.0)])
-    assert not kernels.worker_blocksign_feedback(grads, *args)[2]
+    args = (Momentum(torch.zeros(50_100), torch.empty(50_100), [0.9, 0.9], [True, True]),
+            Feedback(torch.zeros(50_100), torch.empty(50_100), 0, [100, 50_000], [(0, 50_100, 1.0)]))
+
+    def grads_of(tensors):
+        return Grads(tensors, [100, 50_000])
+    assert not kernels.worker_blocksign_feedback(grads_of(grads), *args)[2]
     huge = [torch.full((100,), 3e38), torch.full((50_000,), 3e38)]
-    assert not kernels.worker_blocksign_feedback(huge, *args)[2]  # d = g + μ·m' overflows to inf
-    assert kernels.worker_blocksign_feedback([rand(100, 1), rand(50_000, 2)], *args)[2]
+    assert not kernels.worker_blocksign_feedback(grads_of(huge), *args)[2]  # d = g + μ·m' overflows to inf
+    assert kernels.worker_blocksign_feedback(grads_of([rand(100, 1), rand(50_000, 2)]), *args)[2]
 
 
 def test_kernels_release_the_gil():

@@ -16,7 +16,7 @@ CASES = ["frozen_and_gradless_parameters_untouched_every_way", "frozen_parameter
          "synchronize_then_step_warns_once",
          "horovod_arguments_accepted_or_refused", "predivide_and_sum_under_allreduce_equal_stock_horovod",
          "sparse_gradients_are_densified", "step_hooks_run_once_per_step",
-         "many_optimizers_share_one_communicator_and_watchdog", "user_compressor_with_arbitrary_attributes"]
+         "many_optimizers_share_one_communicator", "user_compressor_with_arbitrary_attributes"]
 
 
 #: compiled kernels against the torch path: with the torch path forced, there is nothing to compare

@@ -13,6 +13,7 @@ import torch
 import triton_interpret as ti
 from conftest import ROOT
 from hvd_distef import _torch_kernels as ref
+from hvd_distef.kernel_args import Descent, Grads, Momentum
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="Triton is not installed (scripts/install.sh installs it for the tests)")
@@ -87,9 +88,9 @@ def test_decompress(interpreted, case):
 def test_momentum_and_update(interpreted, update):
     lr, mu, wd, nesterov = ti.UPDATES[update]
     params, delta, w, grad, momentum = ti.update_inputs()
-    ref.descend_(params, delta, w if wd else None, lr, mu, wd, nesterov)
+    ref.descend_(params, delta, w if wd else None, Descent(lr, mu, wd, nesterov))
     d, momentum_out = torch.empty_like(grad), torch.empty_like(momentum)
-    assert ref.gather_momentum([grad], [grad.numel()], d, momentum, momentum_out, mu, nesterov)
+    assert ref.gather_momentum(Grads([grad], [grad.numel()]), d, Momentum(momentum, momentum_out, [mu], [nesterov]))
     got_params, got_w, got_d, got_momentum, got_finite = interpreted[update, "update"]
     for p, q in zip(got_params, params):
         assert_equal(p, q)

@@ -76,6 +76,7 @@ def run_worker_steps(kernels, d_list, error, blocks, segs, **tile):
 def main(out_path):
     os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
     from hvd_distef import _triton_kernels as tk
+    from hvd_distef.kernel_args import Descent, Grads, Momentum
     out = {}
     for name, (x, blocks, tile) in cases().items():
         n = x.numel()
@@ -89,9 +90,9 @@ def main(out_path):
         out[name, "decompress_mean"] = tk.blocksign_decompress_mean(scales, bits, blocks, n, tile=tile)
     for name, (lr, mu, wd, nesterov) in UPDATES.items():
         params, delta, w, grad, momentum = update_inputs()
-        tk.descend_(params, delta, w, lr, mu, wd, nesterov)
+        tk.descend_(params, delta, w, Descent(lr, mu, wd, nesterov))
         d, momentum_out = torch.empty_like(grad), torch.empty_like(momentum)
-        finite = tk.gather_momentum([grad], [grad.numel()], d, momentum, momentum_out, mu, nesterov)
+        finite = tk.gather_momentum(Grads([grad], [grad.numel()]), d, Momentum(momentum, momentum_out, [mu], [nesterov]))
         out[name, "update"] = (params, w, d, momentum_out, finite)
     bad = rand(300, 60)
     bad[170] = float("inf")

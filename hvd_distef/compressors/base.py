@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from typing import ClassVar, Dict, List, Optional, Sequence, Type
+from typing import ClassVar, List, Optional, Sequence
 
 import torch
 
 from .. import _kernels
+from ..registry import Registry
 from ..payload import Layout, Payload
 
-REGISTRY: Dict[str, Type["Compressor"]] = {}
+REGISTRY = Registry("compressor")
 
 
 class Compressor:
@@ -35,8 +36,7 @@ class Compressor:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.name:
-            REGISTRY[cls.name] = cls
+        REGISTRY.register(cls)
 
     # --- what subclasses implement -------------------------------------------------------
     def layout(self, numel: int, block_sizes: Sequence[int]) -> Layout:
@@ -48,6 +48,35 @@ class Compressor:
 
     def decompress(self, payload: Payload) -> torch.Tensor:
         raise NotImplementedError
+
+    # --- capabilities: what only some compressors can do, asked by the update rules -------------
+    def fuses_update(self, device: torch.device) -> bool:
+        """Whether the update can decompress Δ̃ of this compressor inside its own pass over the
+        parameters on ``device`` (``descends``, ``descend_``), so that Δ̃ is never written out in full."""
+        return False
+
+    def fuses_worker_step(self, device: torch.device, numel: int, block_sizes: Sequence[int]) -> bool:
+        """Whether ``momentum_with_feedback`` runs the worker's momentum and error step in one pass
+        from the gradients on ``device``, for a shard of this shape (the step taken ahead of the ranks'
+        agreement)."""
+        return False
+
+    def descends(self, payload: Payload) -> bool:
+        """Whether ``descend_`` takes this payload as it is (where ``fuses_update``)."""
+        return False
+
+    def descend_(self, params: Sequence[torch.Tensor], pieces: Sequence[tuple], decay_buffer: Optional[torch.Tensor],
+                 descent: _kernels.Descent) -> None:
+        """The update of SPEC §1 (``_kernels.descend_``) with Δ̃ as ``pieces``, (start in the params'
+        slice, payload) in order, decompressed in the same pass (where ``fuses_update``)."""
+        raise NotImplementedError(f"{self.name} does not decompress Δ̃ inside the update")
+
+    def momentum_with_feedback(self, grads: _kernels.Grads, momentum: _kernels.Momentum, error: torch.Tensor,
+                               error_out: torch.Tensor, start: int, block_sizes: Sequence[int],
+                               segments: _kernels.Segments, unsettled: Optional[Payload] = None) -> Optional[Payload]:
+        """``compress_with_feedback`` of the worker's d on the shard [start, start + len(error)) of the
+        gradients, computed in the same pass from them (where ``fuses_worker_step``)."""
+        raise NotImplementedError(f"{self.name} has no one-pass worker step")
 
     def decompress_into(self, payload: Payload, out: torch.Tensor) -> torch.Tensor:
         """``decompress`` written into ``out`` (a float32 vector of payload.numel), which is returned.

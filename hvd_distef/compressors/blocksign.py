@@ -108,19 +108,30 @@ class BlockSign(Compressor):
         scales, bits = _kernels.blocksign_feedback(d, error, block_sizes, segments, *self._fields(unsettled))
         return self._payload(d.numel(), block_sizes, scales, bits)
 
-    def momentum_with_feedback(self, grads, sizes, mus, nesterovs, offset, momentum, momentum_out, error, error_out,
-                               block_sizes, segments, unsettled=None, inv_scale=None) -> Optional[Payload]:
-        """``compress_with_feedback`` of the worker's d, computed in the same pass from the gradients
-        where backward left them (``_kernels.worker_blocksign_feedback``: the momentum of SPEC §1 into
-        ``momentum_out``, p into ``error_out``; ``momentum`` and ``error`` stay as they were). A shard
-        of the fused buffer from ``offset`` on, ``grads`` (float32, ``sizes`` elements, empty where
-        None) covering it. None where a gradient or block scale is not finite. Not for raw shards
-        (``is_raw``)."""
+    def fuses_update(self, device: torch.device) -> bool:
+        return device.type == "cpu" and _kernels.compiled is not None  # cpp_ops/sgd_update.cpp
+
+    def fuses_worker_step(self, device: torch.device, numel: int, block_sizes: Sequence[int]) -> bool:
+        return self.fuses_update(device) and not self.is_raw(numel, block_sizes)  # worker_blocksign_feedback
+
+    def descends(self, payload: Payload) -> bool:
+        return payload.numel == 0 or "bits" in payload.tensors  # a raw payload is decompressed first
+
+    def descend_(self, params, pieces, decay_buffer, descent) -> None:
+        _kernels.descend_blocksign_(params, _kernels.Pieces([at for at, _ in pieces], [p["scales"] for _, p in pieces],
+                                                            [p["bits"] for _, p in pieces],
+                                                            [p.block_sizes for _, p in pieces]), decay_buffer, descent)
+
+    def momentum_with_feedback(self, grads, momentum, error, error_out, start, block_sizes, segments,
+                               unsettled=None) -> Optional[Payload]:
+        """``compress_with_feedback`` of the worker's d, computed in the same pass from the gradients where
+        backward left them (``_kernels.worker_blocksign_feedback``: the momentum of SPEC §1 into
+        ``momentum.next``, p into ``error_out``; the current momentum and ``error`` stay as they were).
+        None where a gradient or block scale is not finite. Not for raw shards (``is_raw``)."""
         if error.numel() == 0:
             return self._empty(error)
         scales, bits, usable = _kernels.worker_blocksign_feedback(
-            grads, sizes, mus, nesterovs, offset, momentum, momentum_out, error, error_out, block_sizes, segments,
-            *self._fields(unsettled), inv_scale=inv_scale)
+            grads, momentum, _kernels.Feedback(error, error_out, start, block_sizes, segments, *self._fields(unsettled)))
         return self._payload(error.numel(), block_sizes, scales, bits) if usable else None
 
     def mean_with_feedback(self, payloads, error, block_sizes, segments, unsettled=None, scratch=None) -> Payload:

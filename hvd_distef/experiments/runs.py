@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..report import read_run
-from ..train.cli import METHODS
-from ..train.loop import CONFIG_FILE, METRICS_FILE
+from ..train.files import CONFIG_FILE, METRICS_FILE
+from ..train.methods import METHODS
 from .verdict import mean_std
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -26,6 +26,7 @@ from typing import List, Optional
 
 from ..errors import HvdDistefError, NonFiniteGradientError
 from ..train import cli, loop
+from ..train.files import METRICS_FILE
 from .runs import FAILURE_FILE, LOG_FILE
 
 
@@ -58,7 +59,7 @@ def summary(flags: List[str], outcome: dict) -> str:
     if "error" in outcome:
         result = f"{'DIVERGED' if outcome['diverged'] else 'FAILED'} ({outcome['error']}: {outcome['message']})"
     else:
-        last = json.loads((log_dir / loop.METRICS_FILE).read_text().splitlines()[-1])
+        last = json.loads((log_dir / METRICS_FILE).read_text().splitlines()[-1])
         key = "validation_accuracy" if "validation_accuracy" in last else "test_accuracy"
         result = f"{key.replace('_', ' ')} {100 * last[key]:.2f}%"
     return f"{log_dir.name}: {result} ({outcome['seconds']:.1f} s)"

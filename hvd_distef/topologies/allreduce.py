@@ -26,6 +26,7 @@ class Allreduce(Topology):
     name = "allreduce"
     update_rule = "sgd"
     bytes_source = RING_FORMULA
+    takes_reduce_op = True
 
     def __init__(self, comm, compressor, tensor_sizes, device="cpu", delta=None, op: str = "average",
                  predivide: float = 1.0):
@@ -45,6 +46,8 @@ class Allreduce(Topology):
             raise ValueError("allreduce with fp16 over a comm= subset needs Horovod's fp16 sum: pass the ranks as "
                              "process_set= (hvd.ProcessSet) instead of comm=")
         self.average, self.predivide = op == "average", predivide
+        # Horovod pairs the ranks' tensors by name: one per bucket of each optimizer, alike on every rank
+        self.tensor_name = comm.unique_name("hvd_distef.allreduce")
 
     def exchange(self, grad: torch.Tensor, segments=None) -> torch.Tensor:
         """The average (or sum) of every rank's gradient, in place in ``grad`` (the optimizer's fused
@@ -81,7 +84,8 @@ class Allreduce(Topology):
                   if average and self.predivide != 1.0 else {})
         target, finish = (comm.staging.on_host(wire) if wire.is_cuda and not self.gpu_horovod
                           else (wire, lambda: wire))
-        with comm.watch("allreduce"):
-            hvd.allreduce_(target, op=hvd.Average if average else hvd.Sum, name="hvd_distef.allreduce",
-                           **scales, **kw)
+        handle = hvd.allreduce_async_(target, op=hvd.Average if average else hvd.Sum, name=self.tensor_name,
+                                      **scales, **kw)
+        comm.wait_until("Horovod's allreduce", lambda: hvd.poll(handle))  # bounded by timeout_s, as our own
+        hvd.synchronize(handle)
         finish()

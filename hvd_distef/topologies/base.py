@@ -13,7 +13,7 @@ or MPI cannot be counted by us: such a topology says so in ``bytes_source`` (SPE
 """
 from __future__ import annotations
 
-from typing import ClassVar, Dict, List, Optional, Sequence, Type
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Type
 
 import torch
 
@@ -21,8 +21,11 @@ from ..comm import Comm, Pending
 from ..compressors import Compressor
 from ..error_feedback import ErrorMemory, Segments, Shard, window
 from ..payload import Payload, layout_nbytes
+from ..registry import Registry
 
-REGISTRY: Dict[str, Type["Topology"]] = {}
+REGISTRY = Registry("topology")
+#: the rank where a ``RootServer``'s server role lives
+ROOT = 0
 #: ``Topology.bytes_source``: counted at the MPI boundary, or SPEC §3's ring-allreduce volume
 MEASURED = "measured"
 RING_FORMULA = "computed (ring formula)"
@@ -34,11 +37,12 @@ class Topology:
     update_rule: ClassVar[str] = "ef"
     #: where ``comm_stats()``'s bytes come from: MEASURED, or a formula (``RING_FORMULA``)
     bytes_source: ClassVar[str] = MEASURED
+    #: whether the constructor takes Horovod's ``op`` and ``gradient_predivide_factor`` (``op=``, ``predivide=``)
+    takes_reduce_op: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.name:
-            REGISTRY[cls.name] = cls
+        REGISTRY.register(cls)
 
     def __init__(self, comm: Comm, compressor: Compressor, tensor_sizes: Sequence[int],
                  device: torch.device | str = "cpu", delta: Optional[torch.Tensor] = None):
@@ -212,6 +216,31 @@ class ShardPerRank(Topology):
 
     def make_shards(self, tensor_sizes):
         return self.split_shards(tensor_sizes, self.comm.size)
+
+
+class RootServer(Topology):
+    """The server role on one rank, ``ROOT`` (``ps``, ``tree``, ``majority_vote``): its server error lives
+    there (where ``keeps_server_error``), and ``gather_reduce`` is its one collective pattern: every
+    rank's bytes gathered on the root, where the server turns them into what every rank gets back."""
+
+    #: whether the server keeps an error memory (SPEC §1's ẽ: the error-feedback topologies)
+    keeps_server_error: ClassVar[bool] = True
+
+    def __init__(self, comm, compressor, tensor_sizes, device="cpu", delta=None):
+        super().__init__(comm, compressor, tensor_sizes, device, delta)
+        if comm.rank == ROOT and self.keeps_server_error:
+            self.server_memory = ErrorMemory(self.numel, self.device)
+
+    def gather_reduce(self, mine: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor],
+                      into: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``mine`` (equal sizes) gathered on ``ROOT`` into a kept buffer, where ``reduce`` of
+        them (concatenated in rank order) gives the bytes every rank is to get; elsewhere ``into``, the
+        buffer they will arrive in."""
+        comm = self.comm
+        root = comm.rank == ROOT
+        gathered = comm.gather(mine, ROOT, out=self.buffer("gather", comm.size * mine.numel())
+                               if root and comm.size > 1 else None)
+        return reduce(gathered) if root else into
 
 
 def get_topology(name: str) -> Type[Topology]:

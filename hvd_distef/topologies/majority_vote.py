@@ -14,14 +14,13 @@ import math
 import torch
 
 from .. import _kernels
-from .base import Topology
-
-ROOT = 0
+from .base import ROOT, RootServer
 
 
-class MajorityVote(Topology):
+class MajorityVote(RootServer):
     name = "majority_vote"
     update_rule = "signum"
+    keeps_server_error = False
 
     def __init__(self, comm, compressor, tensor_sizes, device="cpu", delta=None):
         if compressor.name not in ("sign", "blocksign"):
@@ -32,9 +31,7 @@ class MajorityVote(Topology):
 
     def exchange(self, signs: torch.Tensor) -> torch.Tensor:
         """Packed signs of this worker's momentum in; the vote (-1, 0, +1 as float32) out."""
-        comm, b = self.comm, self.sign_bytes
-        gathered = comm.gather(signs, ROOT)
-        vote = (_kernels.majority_vote(gathered, self.numel) if comm.rank == ROOT
-                else torch.empty(2 * b, dtype=torch.uint8, device=self.device))
-        comm.bcast(vote, ROOT)
+        vote = self.gather_reduce(signs, lambda gathered: _kernels.majority_vote(gathered, self.numel),
+                                  self.buffer("vote", 2 * self.sign_bytes))
+        self.comm.bcast(vote, ROOT)
         return _kernels.unpack_vote(vote, self.numel, out=self.delta)

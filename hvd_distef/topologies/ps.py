@@ -15,20 +15,13 @@ from typing import List
 import torch
 
 from ..comm import Pending
-from ..error_feedback import ErrorMemory, Segments
+from ..error_feedback import Segments
 from ..payload import Payload
-from .base import Topology
-
-ROOT = 0
+from .base import ROOT, RootServer
 
 
-class ParameterServer(Topology):
+class ParameterServer(RootServer):
     name = "ps"
-
-    def __init__(self, comm, compressor, tensor_sizes, device="cpu", delta=None):
-        super().__init__(comm, compressor, tensor_sizes, device, delta)
-        if comm.rank == ROOT:
-            self.server_memory = ErrorMemory(self.numel, self.device)
 
     def exchange_compressed(self, payloads: List[Payload], segments: Segments) -> List[Payload]:
         broadcast = self.comm.bcast(self._reduce_on_root(payloads, segments), ROOT)
@@ -42,10 +35,7 @@ class ParameterServer(Topology):
 
     def _reduce_on_root(self, payloads: List[Payload], segments: Segments) -> torch.Tensor:
         """Every worker's Δ_i gathered on rank 0 and the server step there: Δ̃'s wire bytes on rank 0,
-        a buffer for them elsewhere."""
-        comm = self.comm
-        gathered = comm.gather(payloads[0].to_bytes(), ROOT, out=self.buffer("gather", comm.size * self.nbytes[0])
-                               if comm.rank == ROOT and comm.size > 1 else None)
-        if comm.rank == ROOT:
-            return self.server_reduce(self.decode_many(gathered), segments).to_bytes()
-        return self.landing(0)
+        the buffer they arrive in elsewhere."""
+        return self.gather_reduce(payloads[0].to_bytes(),
+                                  lambda gathered: self.server_reduce(self.decode_many(gathered), segments).to_bytes(),
+                                  self.landing(0))

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-from ..error_feedback import ErrorMemory, Segments
+from ..error_feedback import Segments
 from ..payload import Payload
-from .base import Topology
-
-ROOT = 0
+from .base import RootServer
 
 
 def binomial_tree(rank: int, size: int) -> Tuple[Optional[int], List[int]]:
@@ -38,15 +36,13 @@ def subtree_size(rank: int, size: int) -> int:
     return 1 + sum(subtree_size(child, size) for child in binomial_tree(rank, size)[1])
 
 
-class Tree(Topology):
+class Tree(RootServer):
     name = "tree"
 
     def __init__(self, comm, compressor, tensor_sizes, device="cpu", delta=None):
         super().__init__(comm, compressor, tensor_sizes, device, delta)
         self.parent, self.children = binomial_tree(comm.rank, comm.size)
         self.subtree_size = subtree_size(comm.rank, comm.size)
-        if comm.rank == ROOT:
-            self.server_memory = ErrorMemory(self.numel, self.device)
 
     def exchange_compressed(self, payloads: List[Payload], segments: Segments) -> List[Payload]:
         comm, s = self.comm, self.nbytes[0]

@@ -13,17 +13,14 @@ import torch
 from tqdm import tqdm
 
 from .. import Compression, DistributedOptimizer
-from ..errors import HvdDistefError
+from ..errors import HvdDistefError, on_every_rank
 from ..topologies.base import RING_FORMULA
-from .cli import HOROVOD_COMPRESSION, METHODS
 from .data import Dataset, load
 from .environment import describe
+from .files import CONFIG_FILE, METRICS_FILE, checkpoint_path
+from .methods import HOROVOD_COMPRESSION, METHODS
 from .models import build
 from .stats import gradient_stats, optimizer_stats
-
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
-
 
 class LrSchedule:
     """Per-iteration lr factor: linear warm-up from 1/ranks over ``warmup`` epochs, then step decay."""
@@ -59,10 +56,6 @@ def evaluate(hvd, model: torch.nn.Module, data: Dataset, rank: int, ranks: int) 
     return (counts[0] / counts[1]).item()
 
 
-def checkpoint_path(log_dir: Path, rank: int) -> Path:
-    return log_dir / "checkpoint" / f"rank{rank}.pt"
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,11 +76,11 @@ def load_checkpoint(hvd, path: Path, ranks: int) -> dict:
     everyone = hvd.allgather_object((problem, None if state is None else state.get("epoch")))
     problems = [f"rank {r}: {p}" for r, (p, _) in enumerate(everyone) if p]
     if problems:
-        raise HvdDistefError(f"cannot resume from {path.parent}: " + "; ".join(problems))
+        raise on_every_rank(HvdDistefError(f"cannot resume from {path.parent}: " + "; ".join(problems)))
     epochs = {e for _, e in everyone}
     if len(epochs) != 1:
-        raise HvdDistefError(f"cannot resume from {path.parent}: ranks hold checkpoints of different epochs "
-                             f"{[e for _, e in everyone]}")
+        raise on_every_rank(HvdDistefError(f"cannot resume from {path.parent}: ranks hold checkpoints of different "
+                                           f"epochs {[e for _, e in everyone]}"))
     return state
 
 
@@ -149,8 +142,8 @@ def train(args: argparse.Namespace) -> Tuple[float, float]:
         data, validation = data.hold_out(args.validation)
     steps = data.steps_per_epoch(ranks, args.batch_size)
     if steps == 0:
-        raise HvdDistefError(f"{len(data.train_y)} training examples are fewer than {ranks} ranks x batch size "
-                             f"{args.batch_size}: lower --batch-size or use more data")
+        raise on_every_rank(HvdDistefError(f"{len(data.train_y)} training examples are fewer than {ranks} ranks x "
+                                           f"batch size {args.batch_size}: lower --batch-size or use more data"))
     model = build(args.model, data.in_shape, data.num_classes)
     opt = build_optimizer(hvd, args, model)
     traffic = Traffic(opt, args, model, ranks)

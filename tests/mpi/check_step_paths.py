@@ -72,7 +72,7 @@ def _train(topology, compression, load_error=None):
 
 
 def _errors_are_zero(opt):
-    assert not bool(opt._worker_memory.error.any()), "the worker error of identity compression is not zero"
+    assert not bool(opt.rule.memory.error.any()), "the worker error of identity compression is not zero"
     for bucket in opt.buckets:
         server = bucket.topology.server_memory
         if server is not None:
@@ -105,7 +105,7 @@ def identity_sends_d_itself_and_skips_the_memory():
                                           named_parameters=model.named_parameters(), compression="none", topology="ps")
     for p in model.parameters():
         p.grad = torch.ones_like(p)
-    memory = opt._worker_memory
+    memory = opt.rule.memory
     before = memory.error.data_ptr()
     sent = []
     original_step = memory.step
@@ -125,7 +125,7 @@ def identity_sends_d_itself_and_skips_the_memory():
     finally:
         _kernels.compensate = compensate
         memory.step = original_step
-    assert sent and all(p["values"].data_ptr() == opt._grad[:p.numel].data_ptr() for p in sent[:1]), \
+    assert sent and all(p["values"].data_ptr() == opt.rule.grad[:p.numel].data_ptr() for p in sent[:1]), \
         "the payload of identity compression is a copy of d"
     assert memory.error.data_ptr() == before and not bool(memory.error.any())
 

@@ -1,0 +1,100 @@
+"""The optimizer's state dict (SPEC §4, §5a): torch's SGD state dict plus a ``distef`` entry holding the
+configuration it was written by, the step counters, the update rule's buffers (momentum m_i, weight-decay
+buffer w, worker error e_i), each bucket's server error where this rank holds it, and the compressors'
+random streams. Everything is validated before anything is loaded: a checkpoint that does not fit
+changes nothing. Works on a ``DistributedOptimizer`` given as an argument; imports no optimizer."""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+
+NOT_OURS = ("this is not a hvd_distef.DistributedOptimizer state dict (no 'distef' entry) of this model: a "
+            "torch.optim.SGD or horovod.torch checkpoint has no worker or server errors. Resume it with "
+            "topology='allreduce' (same param groups), or start afresh")
+
+
+def distef_entry(opt) -> dict:
+    """The ``distef`` entry of ``opt``'s state dict."""
+    return {"config": dict(opt.config(), rank=opt.comm.rank),
+            "steps": opt.stats.steps, "skipped_steps": opt.stats.skipped_steps, **opt.rule.state_dict(),
+            "topology": [b.topology.state_dict() for b in opt.buckets],
+            "server_compressor": [b.topology.compressor.state_dict() for b in opt.buckets]}
+
+
+def validated(opt, state_dict: dict) -> Optional[dict]:
+    """The ``distef`` entry of ``state_dict`` (None for a plain torch/Horovod SGD checkpoint where the
+    rule keeps torch's state), after checking that all of it fits ``opt``; raises ValueError naming the
+    mismatch otherwise. Changes nothing."""
+    sizes = [len(g["params"]) for g in state_dict.get("param_groups", [])]
+    mine = [len(g["params"]) for g in opt.param_groups]
+    if opt.rule.torch_state:
+        check_torch_state(opt, state_dict.get("state", {}))
+    if "distef" not in state_dict:
+        if opt.rule.torch_state and sizes == mine:
+            return None
+        raise ValueError(NOT_OURS)
+    ours = state_dict["distef"]
+    saved, config = ours["config"], dict(opt.config(), rank=opt.comm.rank)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {config[k]!r}" for k in config if saved.get(k) != config[k]]
+    if diffs:
+        raise ValueError("the checkpoint comes from another configuration (" + "; ".join(diffs) + ")")
+    if sizes != mine:
+        raise ValueError("the checkpoint's param groups do not have this optimizer's sizes")
+    opt.rule.check_state(ours)
+    for key in ("topology", "server_compressor"):
+        if not isinstance(ours.get(key), list) or len(ours[key]) != len(opt.buckets):
+            raise ValueError(f"the checkpoint's {key} is not a list of {len(opt.buckets)} buckets")
+    for bucket, topology in zip(opt.buckets, ours["topology"]):
+        bucket.topology.check_state(topology)
+    for key in ("steps", "skipped_steps"):
+        if not isinstance(ours.get(key), int) or ours[key] < 0:
+            raise ValueError(f"the checkpoint's {key} is {ours.get(key)!r}, not a count")
+    streams = [("worker_compressor", opt.rule.worker_compressor, ours.get("worker_compressor"))]
+    streams += [("server_compressor", b.topology.compressor, saved) for b, saved in zip(opt.buckets,
+                                                                                        ours["server_compressor"])]
+    for key, compressor, saved in streams:
+        if not isinstance(saved, dict) or set(saved) != set(compressor.state_dict()):
+            raise ValueError(f"the checkpoint's {key} state {saved!r} does not fit {compressor!r}")
+        try:
+            copy.deepcopy(compressor).load_state_dict(saved)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"the checkpoint's {key} state does not load: {exc}") from exc
+    return ours
+
+
+def load(opt, state_dict: dict) -> None:
+    """``state_dict`` into ``opt`` once ``validated``: torch's part (the param groups' hyper-parameters,
+    and torch's per-parameter state where the rule keeps it) into the param group dicts the wrapped SGD
+    shares, then the rule's buffers, the server errors, the streams and the step counters."""
+    ours = validated(opt, state_dict)
+    groups = opt.param_groups
+    torch.optim.Optimizer.load_state_dict(opt, {"state": state_dict["state"] if opt.rule.torch_state else {},
+                                                "param_groups": state_dict["param_groups"]})
+    for mine, loaded in zip(groups, opt.param_groups):
+        mine.update(loaded)
+        mine.setdefault("prev_lr", 0.0)
+    opt.param_groups = groups
+    if ours is None:
+        return
+    opt.rule.load_state_dict(ours)
+    for bucket, topology, compressor in zip(opt.buckets, ours["topology"], ours["server_compressor"]):
+        bucket.topology.load_state_dict(topology)
+        bucket.topology.compressor.load_state_dict(compressor)
+    opt.stats.steps, opt.stats.skipped_steps = ours["steps"], ours["skipped_steps"]
+
+
+def check_torch_state(opt, state: dict) -> None:
+    """torch's per-parameter state (by index over the groups) must fit the parameters' shapes."""
+    everything = [p for g in opt.param_groups for p in g["params"]]
+    for index, entries in state.items():
+        if not isinstance(index, int) or not 0 <= index < len(everything):
+            raise ValueError(f"the checkpoint has state for parameter {index!r}, this optimizer has "
+                             f"{len(everything)} parameters")
+        p = everything[index]
+        for name, value in entries.items():
+            if torch.is_tensor(value) and value.shape != p.shape:
+                raise ValueError(f"the checkpoint's {name} of parameter {index} ({opt._parameter_names[p]}) has "
+                                 f"shape {tuple(value.shape)}, the parameter {tuple(p.shape)}: it comes from "
+                                 f"another model")
