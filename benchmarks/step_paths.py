@@ -203,7 +203,7 @@ def main():
         f"{args.threads} thread(s) each; compiled kernels: {hvd_distef._kernels.compiled is not None}")
     say(f"{'path':<26} {'ms':>8} {'stock ms':>8} {'ratio':>6}  {'target':<34} {'target ms':>9}  met  "
         f"(in copies of the vector: ours / stock)")
-    measure(paths[0], params, 1, world)  # thrown away: the first measurement ran cold (stock SGD at 2.3x its time)
+    measure(paths[0], params, 1, world)  # a warm-up, thrown away
     rows = []
     for path in paths:
         row = measure(path, params, args.repeats, world)
