@@ -14,6 +14,7 @@ import ctypes
 import os
 import pickle
 import sys
+import threading
 import time
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -316,7 +317,6 @@ class StallReports:
     by the ``Comm`` objects of one group of ranks, from any thread."""
 
     def __init__(self, mpi):
-        import threading
         self.mpi, self.rank = mpi, mpi.Get_rank()
         self._lock = threading.Lock()
         self._waiting: Dict[int, str] = {}  # rank 0: rank -> the collective it reported waiting in
