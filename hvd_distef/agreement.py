@@ -3,10 +3,11 @@ raises the same error naming the ranks concerned — never one rank raising whil
 a collective.
 
 - At construction: each rank's local validation error and its configuration are allgathered; a
-  failure anywhere, or any difference in the model, the options or the per-group
-  hyper-parameters, raises on every rank.
+  failure anywhere, or any difference in the model or the options, raises on every rank. The
+  per-group hyper-parameters may still differ there (``hvd.broadcast_optimizer_state`` aligns them,
+  as in Horovod): they are agreed at every step.
 - At every step: one small allreduce (element-wise max of an int vector) carries a local failure
-  flag, a non-finite flag, AMP's found_inf, a redo flag (``overlap``), a digest of the step's
+  flag, a non-finite flag, AMP's found_inf, a redo and a voided flag (``overlap``), a digest of the step's
   hyper-parameters (and its negation: max and min) and one has-a-gradient bit per parameter. The rare paths (a failure, a
   non-finite gradient, different hyper-parameters) then allgather the details for the message.
 """
@@ -17,6 +18,14 @@ from typing import List, NamedTuple, Optional, Sequence
 
 from .comm import Comm
 from .errors import HvdDistefError, NonFiniteGradientError, on_every_rank
+
+
+#: a rank whose buckets of a backward pass were exchanged, then dropped by ``zero_grad()`` before ``step()``
+VOIDED = ("zero_grad() was called after loss.backward() but before step() with overlap=True, on rank(s) {ranks} "
+          "only: the buckets of that backward pass were exchanged with the other ranks' buckets of this step. "
+          "Every rank must run the same backward passes between two steps, as with Horovod and DDP: compute "
+          "diagnostic gradients with torch.autograd.grad (it leaves p.grad and the buckets alone), run them on "
+          "every rank, or use overlap=False. Nothing was updated")
 
 
 def check_construction(comm: Comm, config: Optional[dict], failure: Optional[Exception]) -> None:
@@ -52,26 +61,34 @@ def fingerprint(value) -> int:
 
 
 def agree_on_step(comm: Comm, has_grad: Sequence[bool], failure: Optional[Exception],
-                  nonfinite: Sequence[str], found_inf: bool, hyperparameters: List[dict],
-                  redo: bool = False) -> StepDecision:
+                  nonfinite: Sequence[str], found_inf: bool, hyperparameters: Optional[List[dict]],
+                  redo: bool = False, voided: bool = False) -> StepDecision:
     """One collective decision per step, before any buffer changes.
 
     ``failure``: this rank's local preparation error (raised here on every rank); ``nonfinite``:
     names of this rank's parameters with NaN/inf gradients (every rank gets the same
     ``NonFiniteGradientError`` to raise, naming them); ``found_inf``: AMP's GradScaler found an inf
     on this rank; ``hyperparameters``: this rank's per-group lr, momentum, ... (ranks that differ,
-    a scheduler stepped on one rank say, raise ValueError on every rank naming each rank's values);
-    ``redo``: this rank's buckets exchanged during backward used what the step no longer has.
+    a scheduler stepped on one rank say, raise ValueError on every rank naming each rank's values; None
+    where each rank may step with its own, ``UpdateRule.own_hyperparameters``);
+    ``redo``: this rank's buckets exchanged during backward used what the step no longer has;
+    ``voided``: ``zero_grad()`` dropped this rank's buckets of a backward pass (``overlap``): on every rank,
+    the step goes ahead afresh; on some only, every rank raises ``HvdDistefError`` naming them.
     """
-    digest = fingerprint(hyperparameters)
+    digest = 0 if hyperparameters is None else fingerprint(hyperparameters)
     flags = comm.max_ints([int(failure is not None), int(bool(nonfinite)), int(found_inf), int(redo),
-                           digest, -digest] + [int(h) for h in has_grad])
+                           digest, -digest, int(voided), -int(voided)] + [int(h) for h in has_grad])
     any_failure, any_nonfinite, any_inf, any_redo = flags[:4]
-    agreed = [bool(h) for h in flags[6:]]
+    agreed = [bool(h) for h in flags[8:]]
+    if flags[6] != -flags[7]:  # some ranks, not all, dropped their buckets: they paired with real ones
+        everyone = comm.allgather_obj(voided)
+        raise on_every_rank(HvdDistefError(VOIDED.format(ranks=", ".join(str(r) for r, v in enumerate(everyone) if v))))
     if flags[4] != -flags[5]:  # max and min of the digests differ
         everyone = comm.allgather_obj(hyperparameters)
         raise on_every_rank(ValueError("ranks disagree on the hyper-parameters of this step (" + "; ".join(
-            f"rank {r}: {h}" for r, h in enumerate(everyone)) + "); change them alike on every rank"))
+            f"rank {r}: {h}" for r, h in enumerate(everyone)) + "); every rank applies the same update under "
+            "error feedback: set them alike on every rank, or align them with "
+            "hvd.broadcast_optimizer_state(opt, root_rank=0) before the step"))
     error = None
     if any_failure or any_nonfinite:
         reports = comm.allgather_obj((list(nonfinite), None if failure is None else f"{type(failure).__name__}: {failure}"))

@@ -2,7 +2,16 @@
 configuration it was written by, the step counters, the update rule's buffers (momentum m_i, weight-decay
 buffer w, worker error e_i), each bucket's server error where this rank holds it, and the compressors'
 random streams. Everything is validated before anything is loaded: a checkpoint that does not fit
-changes nothing. Works on a ``DistributedOptimizer`` given as an argument; imports no optimizer."""
+changes nothing. Works on a ``DistributedOptimizer`` given as an argument; imports no optimizer.
+
+Two recipes (README, "Checkpoints"):
+- one file per rank: ``opt.state_dict()`` on every rank, each rank loading its own;
+- one file for the job: ``gathered`` (``opt.gathered_state_dict()``) on every rank gathers every rank's
+  state dict at the root, which writes it; every rank loads that file and takes its own part. Under
+  ``allreduce`` every rank's state is torch's SGD state of the same averaged gradients, so rank 0's own
+  state dict serves every rank, as in torch DDP's recipe.
+A rank that loads another rank's state dict under error feedback (DDP's recipe without ``gathered``)
+changes nothing; its next step raises on every rank (``OtherRanksState``), saying what to do."""
 from __future__ import annotations
 
 import copy
@@ -10,9 +19,50 @@ from typing import Optional
 
 import torch
 
+from .errors import HvdDistefError
+
 NOT_OURS = ("this is not a hvd_distef.DistributedOptimizer state dict (no 'distef' entry) of this model: a "
             "torch.optim.SGD or horovod.torch checkpoint has no worker or server errors. Resume it with "
             "topology='allreduce' (same param groups), or start afresh")
+
+
+#: the key of a job's state dict holding every rank's state dict, in rank order
+JOB = "distef_ranks"
+
+
+class OtherRanksState(HvdDistefError):
+    """A rank loaded a state dict that another rank wrote; raised by its next step on every rank."""
+
+
+def gathered(opt, root_rank: int = 0) -> Optional[dict]:
+    """The job's state dict at ``root_rank`` of ``opt``'s ranks (None on the others), collective over them:
+    torch's ``state`` and ``param_groups`` of the root (what torch tools read) and ``distef_ranks``, every
+    rank's ``opt.state_dict()`` in rank order. Raises ValueError on every rank for a root out of range."""
+    if not 0 <= root_rank < opt.comm.size:
+        raise ValueError(f"root_rank must be in [0, {opt.comm.size}), got {root_rank!r}")
+    parts = opt.comm.gather_obj(opt.state_dict(), root_rank)
+    if parts is None:
+        return None
+    return {"state": parts[root_rank]["state"], "param_groups": parts[root_rank]["param_groups"], JOB: parts}
+
+
+def this_ranks(opt, state_dict: dict) -> dict:
+    """This rank's part of a job's state dict (``gathered``), or ``state_dict`` itself. Raises ValueError
+    (alike on every rank that reads the same file) when the job had another number of ranks."""
+    if JOB not in state_dict:
+        return state_dict
+    parts = state_dict[JOB]
+    if not isinstance(parts, list) or len(parts) != opt.comm.size:
+        raise ValueError(f"the checkpoint holds the state of {len(parts) if isinstance(parts, list) else '?'} "
+                         f"ranks, this optimizer has {opt.comm.size}: resume with as many ranks as wrote it")
+    return parts[opt.comm.rank]
+
+
+def raise_deferred(opt) -> None:
+    """What ``load`` kept for this step to raise on every rank (``OtherRanksState``), once."""
+    failure, opt._load_failure = getattr(opt, "_load_failure", None), None
+    if failure is not None:
+        raise failure
 
 
 def distef_entry(opt) -> dict:
@@ -37,7 +87,17 @@ def validated(opt, state_dict: dict) -> Optional[dict]:
         raise ValueError(NOT_OURS)
     ours = state_dict["distef"]
     saved, config = ours["config"], dict(opt.config(), rank=opt.comm.rank)
+    if opt.rule.torch_state:  # torch's SGD state of the same averaged gradients: alike on every rank
+        config["rank"] = saved.get("rank")
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {config[k]!r}" for k in config if saved.get(k) != config[k]]
+    if diffs == [f"rank: checkpoint {saved.get('rank')!r}, this run {opt.comm.rank!r}"]:
+        raise OtherRanksState(
+            f"rank {opt.comm.rank} loaded the state dict of rank {saved.get('rank')}: under error feedback each "
+            f"rank's momentum and worker error are its own (SPEC §1), so nothing was loaded here. Save one file "
+            f"for the job with state = opt.gathered_state_dict() on every rank (rank 0 writes it; every rank "
+            f"loads it and takes its own part), or one file per rank from opt.state_dict(); or load on rank 0 "
+            f"only and call hvd.broadcast_optimizer_state(opt, root_rank=0) (the other ranks' worker errors "
+            f"then start at zero)")
     if diffs:
         raise ValueError("the checkpoint comes from another configuration (" + "; ".join(diffs) + ")")
     if sizes != mine:
@@ -65,10 +125,15 @@ def validated(opt, state_dict: dict) -> Optional[dict]:
 
 
 def load(opt, state_dict: dict) -> None:
-    """``state_dict`` into ``opt`` once ``validated``: torch's part (the param groups' hyper-parameters,
+    """``state_dict`` (this rank's, or this rank's part of a job's) into ``opt`` once ``validated``: torch's part (the param groups' hyper-parameters,
     and torch's per-parameter state where the rule keeps it) into the param group dicts the wrapped SGD
     shares, then the rule's buffers, the server errors, the streams and the step counters."""
-    ours = validated(opt, state_dict)
+    state_dict = this_ranks(opt, state_dict)
+    try:
+        ours = validated(opt, state_dict)
+    except OtherRanksState as exc:  # the other ranks may have loaded theirs: every rank raises at the step
+        opt._load_failure = exc
+        return
     groups = opt.param_groups
     torch.optim.Optimizer.load_state_dict(opt, {"state": state_dict["state"] if opt.rule.torch_state else {},
                                                 "param_groups": state_dict["param_groups"]})

@@ -561,6 +561,19 @@ class Comm:
         self.complete("MPI Allreduce (step agreement)", self.mpi.Iallreduce(mine, out, op=self.MPI.MAX))
         return out.tolist()
 
+    def gather_obj(self, obj: Any, root: int) -> Optional[List[Any]]:
+        """Every rank's picklable ``obj`` in rank order at ``root``, None elsewhere (not counted)."""
+        mine = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+        sizes = np.zeros(self.size, dtype=np.int64)
+        self.complete("MPI Gather (sizes)", self.mpi.Igather(np.array([mine.size], dtype=np.int64), sizes, root=root))
+        everything = np.empty(int(sizes.sum()) if self.rank == root else 0, dtype=np.uint8)
+        self.complete("MPI Gatherv", self.mpi.Igatherv(mine, [everything, sizes.tolist()] if self.rank == root
+                                                       else None, root=root))
+        if self.rank != root:
+            return None
+        ends = np.cumsum(sizes)
+        return [pickle.loads(everything[end - n:end].tobytes()) for n, end in zip(sizes, ends)]
+
     def allgather_obj(self, obj: Any) -> List[Any]:
         """Every rank's picklable ``obj``, in rank order (not counted: control messages)."""
         mine = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)

@@ -55,7 +55,8 @@ class DistributedOptimizer(torch.optim.SGD):
             NaN in an error memory would stay for good), ``"skip"`` (skipped on every rank, counted) or
             ``"propagate"`` (``allreduce`` only, and its default: the NaN reaches every rank, as in torch).
         overlap: exchange the gradients bucket by bucket during backward (``overlap``; SPEC §4). Set lr and
-            the like before backward; ``zero_grad()`` between that backward and ``step()`` raises.
+            the like before backward. ``zero_grad()`` between a backward and ``step()`` drops its buckets: on
+            every rank, the step is exchanged afresh; on some ranks only, the step raises on every rank.
         bucket_cap_mb: MiB of float32 per bucket with ``overlap=True`` (DDP's ``bucket_cap_mb``).
         error_decay: multiply both error memories by this fixed β in [0, 1] each step instead of rescaling
             them by η_{t-1}/η_t (Wu et al. 2018; None, the default, keeps SPEC §1's rule).
@@ -64,7 +65,10 @@ class DistributedOptimizer(torch.optim.SGD):
             naming the ranks missing; after ``timeout_s`` (1800 s) the job is aborted with a message (``comm``).
 
     Raises (on every rank, naming each rank's cause): ``TypeError``/``ValueError`` for bad arguments on any
-    rank, or ranks that disagree on the model, options or hyper-parameters.
+    rank, or ranks that disagree on the model or options. The param groups' hyper-parameters may differ at
+    construction (``hvd.broadcast_optimizer_state`` aligns them): a step under error feedback or signum
+    raises ``ValueError`` where they still differ; under ``allreduce`` each rank steps with its own, as
+    under Horovod.
     """
 
     #: torch.amp.GradScaler protocol: step() unscales and skips itself (hvd_distef/amp.py)
@@ -86,8 +90,7 @@ class DistributedOptimizer(torch.optim.SGD):
         except (TypeError, ValueError) as exc:  # told to every rank below, instead of a hang
             failure = exc
         self.comm = Comm(comm, timeout_s, process_set, stall_warning_s)
-        agreement.check_construction(self.comm, None if failure else dict(self.config(), **self._hyperparameters()),
-                                     failure)
+        agreement.check_construction(self.comm, None if failure else dict(self.config(), **self._options()), failure)
         self._build(topology_cls, rule_cls)
 
     def _build(self, topology_cls, rule_cls) -> None:
@@ -122,9 +125,8 @@ class DistributedOptimizer(torch.optim.SGD):
         """The structure every rank must share and a checkpoint must match (``options.config``)."""
         return options.config(self)
 
-    def _hyperparameters(self) -> dict:  # what every rank must agree on besides ``config`` at construction
-        return {"nonfinite": self.nonfinite, "op": self._op, "gradient_predivide_factor": self._predivide,
-                "param_groups": options.hyperparameters(self.param_groups)}
+    def _options(self) -> dict:  # what every rank must agree on besides ``config`` at construction
+        return {"nonfinite": self.nonfinite, "op": self._op, "gradient_predivide_factor": self._predivide}
 
     # --- Horovod's surface --------------------------------------------------------------------------
     backward_passes_per_step = property(lambda self: self._passes.allowed)
@@ -136,7 +138,7 @@ class DistributedOptimizer(torch.optim.SGD):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._passes.count = 0
         if self._overlap is not None:
-            self._overlap.check_zero_grad()  # horovod.torch's rule: not while buckets are in flight
+            self._overlap.check_zero_grad()  # a backward pass dropped: its buckets complete, then are put back
         super().zero_grad(set_to_none)
 
     @contextlib.contextmanager
@@ -203,7 +205,9 @@ class DistributedOptimizer(torch.optim.SGD):
     def _agree_and_exchange(self, expose: bool, speculated: bool) -> Exchanged:
         # the worker side up to what the ranks must agree on: gradients read, momentum stepped
         failure, has_grad, prepared, scale = None, self._layout.has_grad(), Prepared([]), amp.loss_scale(self)
+        voided = self._overlap is not None and self._overlap.take_voided()
         try:  # this rank's reasons to refuse the step first
+            checkpoint.raise_deferred(self)
             self._passes.check()
             options.check_hyperparameters(self.param_groups, self.rule)
             self._layout.check_params()
@@ -211,9 +215,11 @@ class DistributedOptimizer(torch.optim.SGD):
         except (ValueError, RuntimeError) as exc:  # told to every rank below, instead of a hang
             failure = exc
         decision = agreement.agree_on_step(self.comm, has_grad, failure or prepared.failure, prepared.nonfinite,
-                                           amp.found_inf(self), options.hyperparameters(self.param_groups),
-                                           prepared.stale)
+                                           amp.found_inf(self), None if self.rule.own_hyperparameters
+                                           else options.hyperparameters(self.param_groups), prepared.stale, voided)
         self._passes.count = 0
+        if decision.found_inf:  # the stock GradScaler's update() backs off on every rank alike
+            amp.share_found_inf(self)
         idle, idle_params = self._layout.idle(decision.has_grad)
         kept = (speculated and not decision.redo and not decision.found_inf and decision.nonfinite is None
                 and self.rule.keeps_speculation(idle))
@@ -243,7 +249,7 @@ class DistributedOptimizer(torch.optim.SGD):
         """horovod.torch's ``broadcast_optimizer_state`` calls step() with zero gradients on the ranks with no
         state yet (after a rank-0-only resume: all but rank 0): that call only creates the state, on its own."""
         params = self._layout.params
-        if (self._initialized or self.stats.steps or self.stats.skipped_steps or self._passes.count or not params
+        if (self._initialized or self.stats.steps or self.stats.skipped_steps or not params
                 or any(p.grad is None or p.grad.is_sparse or bool(p.grad.any()) for p in params)
                 or not horovod_args.creating_state()):
             return False
@@ -292,9 +298,17 @@ class DistributedOptimizer(torch.optim.SGD):
         weight-decay buffers (``hvd.broadcast_optimizer_state`` broadcasts in place); η_{t-1} is ``prev_lr``."""
         return dict(super().state_dict(), distef=checkpoint.distef_entry(self))
 
+    def gathered_state_dict(self, root_rank: int = 0) -> Optional[dict]:
+        """One state dict for the whole job, collective (call it on every rank): every rank's ``state_dict()``
+        gathered at ``root_rank``, which gets the dict to save (the others get None); every rank then loads
+        that file with ``load_state_dict`` and takes its own part (``checkpoint.gathered``)."""
+        return checkpoint.gathered(self, root_rank)
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Validates everything first, then loads (``checkpoint.load``); the param group dicts stay the ones
-        the wrapped SGD shares. Under ``allreduce`` a ``torch.optim.SGD`` or horovod.torch checkpoint loads too."""
+        the wrapped SGD shares. Takes this rank's part of a ``gathered_state_dict``. Under ``allreduce`` a
+        ``torch.optim.SGD`` or horovod.torch checkpoint, or another rank's, loads too; under error feedback
+        another rank's state dict loads nothing and the next step raises on every rank."""
         checkpoint.load(self, state_dict)
         self._passes.count, self._synchronized, self._exchanged = 0, False, None
         self._initialize_state()

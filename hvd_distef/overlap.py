@@ -22,11 +22,6 @@ from .error_feedback import ErrorMemory, Segments
 from .fused import FusedLayout
 from .rules.base import OVERFLOW, Prepared, UpdateRule
 
-#: horovod.torch's words, and its rule: zero_grad() while the buckets of a backward are being exchanged
-ZERO_GRAD_IN_FLIGHT = ("optimizer.zero_grad() was called after loss.backward() but before optimizer.step() or "
-                       "optimizer.synchronize(). This is prohibited as it can cause a race condition.")
-
-
 class Speculation:
     """What the buckets exchanged during backward used, to check at ``step()``."""
 
@@ -108,6 +103,7 @@ class Overlap:
         self.rollback = Rollback(rule.memory, [b.topology.server_memory for b in buckets], rule.worker_compressor,
                                  [b.topology.compressor for b in buckets])
         self.speculated = False  #: this step's buckets ran and the step has not used them yet
+        self.voided = False      #: ``zero_grad()`` dropped this step's buckets: none run until the step
         self.speculation: Optional[Speculation] = None
         self.last_scale: Optional[float] = None  #: the loss scale of the last step (AMP), for the next one
 
@@ -117,13 +113,14 @@ class Overlap:
 
     def ready(self, param: torch.Tensor) -> None:
         """This parameter's gradient is final for the step (the last backward pass of the step)."""
-        self.pipeline.ready(self.index[param])
+        if not self.voided:
+            self.pipeline.ready(self.index[param])
 
     def drain(self) -> None:
         """Run this step's buckets not run during backward and wait for all of them (every rank runs them
         before agreeing on the step). Called twice (by ``hvd_distef.GradScaler`` before its collective inf
         check, then by ``step()``), it runs them once; ``speculated`` says they ran, until ``take``."""
-        if not self.speculated:
+        if not self.speculated and not self.voided:
             self.pipeline.drain()
             self.speculated = True
 
@@ -132,14 +129,23 @@ class Overlap:
         speculated, self.speculated = self.speculated, False
         return speculated
 
+    def take_voided(self) -> bool:
+        """Whether ``zero_grad()`` dropped this step's buckets; the step starts afresh from now on."""
+        voided, self.voided = self.voided, False
+        return voided
+
     def check_zero_grad(self) -> None:
-        """horovod.torch's rule: ``zero_grad()`` between a backward and its step raises AssertionError,
-        after the buckets of that backward are drained and their changes put back."""
+        """``zero_grad()`` between a backward pass and its step: the buckets of that pass complete (every
+        rank runs every bucket once per step, so they pair with the other ranks' buckets) and their changes
+        are put back; no bucket runs again until the step, which the ranks then agree on: every rank did
+        this, and the step is exchanged afresh, as with ``overlap=False``; some ranks only, and every rank
+        raises (``agreement.VOIDED``). horovod.torch raises AssertionError on that rank alone, leaving the others
+        waiting."""
         if self.pipeline.running or self.speculated:
             self.drain()
             self.speculated = False
             self.rollback.restore()
-            raise AssertionError(ZERO_GRAD_IN_FLIGHT)
+            self.voided = True
 
     def speculate(self, k: int) -> None:
         """Bucket k during backward (the pipeline's thread): read its gradients, keep what it will change,

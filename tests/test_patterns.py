@@ -8,7 +8,8 @@ from conftest import MPI_DIR, assert_case, cases_fixture, run_mpi
 from test_faults import JOB_TIMED_OUT
 
 CASES = ["two_optimizers_with_overlap_equal_the_plain_loop", "gradients_set_by_hand_with_a_masked_first_batch",
-         "sgd_subclass_with_its_own_step_is_refused"]
+         "sgd_subclass_with_its_own_step_is_refused", "backward_on_one_rank_under_overlap_is_an_error_on_every_rank",
+         "options_are_aligned_by_broadcast_or_refused_at_the_step", "one_checkpoint_file_for_the_job"]
 
 
 results = cases_fixture("check_patterns.py")

@@ -72,9 +72,12 @@ def test_horovod_and_sgdm_train_bit_for_bit_alike(tmp_path):
         assert [e[key] for e in hv] == [e[key] for e in ours], key
     assert {e["bytes_source"] for e in hv} == {e["bytes_source"] for e in ours} == {RING_FORMULA}
     assert all(e["comm_time_s"] is None for e in hv) and all(e["comm_time_s"] > 0 for e in ours)
-    for rank in (0, 1):
-        a = torch.load(tmp_path / "horovod" / "checkpoint" / f"rank{rank}.pt", weights_only=False)
-        b = torch.load(tmp_path / "sgdm" / "checkpoint" / f"rank{rank}.pt", weights_only=False)
+    a = torch.load(tmp_path / "horovod" / "checkpoint" / "job.pt", weights_only=False)
+    b = torch.load(tmp_path / "sgdm" / "checkpoint" / "job.pt", weights_only=False)
+    ours = b["optimizer"]["distef_ranks"]
+    assert len(ours) == 2
+    for rank in (0, 1):  # stock Horovod's file holds rank 0's state (alike on every rank), ours every rank's
+        b["optimizer"] = ours[rank]
         assert a["model"].keys() == b["model"].keys()
         for k in a["model"]:
             assert torch.equal(a["model"][k], b["model"][k]), k
@@ -104,15 +107,19 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     run_mpi(2, [*common, "--epochs", "4", "--log-dir", tmp_path / "whole"])
     run_mpi(2, [*common, "--epochs", "2", "--log-dir", tmp_path / "split"])
     run_mpi(2, [*common, "--epochs", "4", "--log-dir", tmp_path / "split", "--resume"])
-    for rank in (0, 1):
-        a = torch.load(tmp_path / "whole" / "checkpoint" / f"rank{rank}.pt", weights_only=False)
-        b = torch.load(tmp_path / "split" / "checkpoint" / f"rank{rank}.pt", weights_only=False)
-        assert a["epoch"] == b["epoch"] == 4
-        for k in a["model"]:
-            assert torch.equal(a["model"][k], b["model"][k]), k
+    a = torch.load(tmp_path / "whole" / "checkpoint" / "job.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "checkpoint" / "job.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 4 and len(a["rng"]) == len(b["rng"]) == 2
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for rank in (0, 1):  # every rank's own part of the one file
+        oa, ob = (x["optimizer"]["distef_ranks"][rank]["distef"] for x in (a, b))
+        assert oa["config"]["rank"] == ob["config"]["rank"] == rank
         for k in ("momentum", "worker_error", "weight_decay_buffer"):
-            assert torch.equal(a["optimizer"]["distef"][k], b["optimizer"]["distef"][k]), k
-        ta, tb = a["optimizer"]["distef"]["topology"], b["optimizer"]["distef"]["topology"]
+            assert torch.equal(oa[k], ob[k]), k
+        assert not torch.equal(a["optimizer"]["distef_ranks"][0]["distef"]["worker_error"],
+                               a["optimizer"]["distef_ranks"][1]["distef"]["worker_error"])
+        ta, tb = oa["topology"], ob["topology"]
         assert len(ta) == len(tb) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
                                           for x, y in zip(ta, tb))
     whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")

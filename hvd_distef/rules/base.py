@@ -70,7 +70,9 @@ class UpdateRule:
 
     Attributes the optimizer reads: ``nonfinite_default`` and ``allows_propagate`` (what a NaN does);
     ``keeps_errors`` (``error_decay`` applies); ``torch_state`` (the per-parameter state is torch's own
-    momentum buffers, checkpointed as torch's SGD does, not flat buffers of ours); ``memory`` (the
+    momentum buffers, checkpointed as torch's SGD does, not flat buffers of ours); ``own_hyperparameters``
+    (each rank may step with its own lr, momentum and weight decay, as under Horovod: the update runs
+    on each rank from its own param groups and nothing exchanged depends on them); ``memory`` (the
     worker's error memory, or None); ``worker_compressor`` (this rank's copy of the compressor, with its
     own random stream)."""
 
@@ -79,6 +81,7 @@ class UpdateRule:
     allows_propagate: ClassVar[bool] = False
     keeps_errors: ClassVar[bool] = False
     torch_state: ClassVar[bool] = False
+    own_hyperparameters: ClassVar[bool] = False
     memory = None
 
     def __init_subclass__(cls, **kwargs):

@@ -11,12 +11,14 @@ from .base import Exchanged, UpdateRule
 
 class StockSGD(UpdateRule):
     """Horovod's meaning everywhere: a NaN propagates by default (``nonfinite="propagate"``), p.grad holds
-    the averaged gradient after ``synchronize()``, and the state dict is torch's SGD's."""
+    the averaged gradient after ``synchronize()``, the state dict is torch's SGD's, and each rank steps
+    with its own param groups' hyper-parameters (Horovod's ``test_broadcast_state_options``)."""
 
     name = "sgd"
     nonfinite_default = "propagate"
     allows_propagate = True
     torch_state = True
+    own_hyperparameters = True
 
     def keeps_speculation(self, idle) -> bool:
         return True  # an idle parameter's gradient stays None: torch's SGD leaves it alone

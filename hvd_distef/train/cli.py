@@ -21,6 +21,7 @@ from ..compressors import REGISTRY as COMPRESSORS
 from ..errors import HvdDistefError
 from ..topologies import REGISTRY as TOPOLOGIES
 from .data import CIFAR, LOADERS
+from .files import checkpoint_path
 from .methods import HOROVOD_COMPRESSION, METHODS
 from .models import MODELS
 
@@ -121,8 +122,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error(f"--data {args.data} needs --data-dir")
         if not args.data_dir.is_dir():
             p.error(f"--data-dir {args.data_dir} is not a folder")
-    if args.resume and not (args.log_dir / "checkpoint").is_dir():
-        p.error(f"--resume: no checkpoint in {args.log_dir / 'checkpoint'}")
+    if args.resume and not checkpoint_path(args.log_dir).is_file():
+        p.error(f"--resume: no checkpoint {checkpoint_path(args.log_dir)}")
     return args
 
 

@@ -1,5 +1,6 @@
 """The training loop behind ``python -m hvd_distef.train``: data shards, the wrapped optimizer, per-epoch
-metrics as JSON lines in ``--log-dir`` (rank 0), and per-rank atomic checkpoints."""
+metrics as JSON lines in ``--log-dir`` (rank 0), and one atomic checkpoint for the job (rank 0 writes it,
+every rank reads it and takes its own part)."""
 from __future__ import annotations
 
 import argparse
@@ -64,23 +65,30 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def job_state(hvd, opt, model, sched, **progress) -> dict:
+    """The job's checkpoint at rank 0 (None elsewhere), collective: the model (alike on every rank), the
+    optimizer's state (every rank's under ours, ``gathered_state_dict``; stock Horovod's is rank 0's), the
+    scheduler, every rank's random state, and ``progress``."""
+    optimizer = opt.gathered_state_dict() if isinstance(opt, DistributedOptimizer) else opt.state_dict()
+    rng = hvd.allgather_object(torch.get_rng_state())
+    if hvd.rank() != 0:
+        return None
+    return {**progress, "world_size": hvd.size(), "model": model.state_dict(), "optimizer": optimizer,
+            "scheduler": sched.state_dict(), "rng": rng}
+
+
 def load_checkpoint(hvd, path: Path, ranks: int) -> dict:
-    """This rank's checkpoint; every rank fails together if any rank's file is missing, unreadable,
-    from another world size, or from another epoch than the others'."""
+    """The job's checkpoint, read by every rank; every rank fails together if any rank cannot read it or it
+    comes from another world size."""
     try:
         state = torch.load(path, weights_only=False)
         problem = None if state.get("world_size") == ranks else \
             f"it was written by {state.get('world_size')} ranks, this run has {ranks}"
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
         state, problem = None, f"cannot read it ({type(exc).__name__}: {exc})"
-    everyone = hvd.allgather_object((problem, None if state is None else state.get("epoch")))
-    problems = [f"rank {r}: {p}" for r, (p, _) in enumerate(everyone) if p]
+    problems = [f"rank {r}: {p}" for r, p in enumerate(hvd.allgather_object(problem)) if p]
     if problems:
-        raise on_every_rank(HvdDistefError(f"cannot resume from {path.parent}: " + "; ".join(problems)))
-    epochs = {e for _, e in everyone}
-    if len(epochs) != 1:
-        raise on_every_rank(HvdDistefError(f"cannot resume from {path.parent}: ranks hold checkpoints of different "
-                                           f"epochs {[e for _, e in everyone]}"))
+        raise on_every_rank(HvdDistefError(f"cannot resume from {path}: " + "; ".join(problems)))
     return state
 
 
@@ -152,11 +160,11 @@ def train(args: argparse.Namespace) -> Tuple[float, float]:
 
     start_epoch, wall, best = 0, 0.0, 0.0
     if args.resume:
-        state = load_checkpoint(hvd, checkpoint_path(args.log_dir, rank), ranks)
+        state = load_checkpoint(hvd, checkpoint_path(args.log_dir), ranks)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"][rank])
         start_epoch, wall, best = state["epoch"], state["wall_time_s"], state["best_accuracy"]
 
     config = dict(vars(args), ranks=ranks, params=sum(p.numel() for p in model.parameters()),
@@ -216,10 +224,10 @@ def train(args: argparse.Namespace) -> Tuple[float, float]:
                        f"sent {record['bytes_sent_per_step']:,.0f} B/step ({exchange['bytes_source']})  "
                        f"lr {record['lr']:.4g}")
         if args.checkpoint_every and (epoch + 1) % args.checkpoint_every == 0:
-            save_checkpoint(checkpoint_path(args.log_dir, rank), {
-                "epoch": epoch + 1, "world_size": ranks, "rank": rank, "config": config,
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": torch.get_rng_state(), "wall_time_s": wall, "best_accuracy": best})
+            state = job_state(hvd, opt, model, sched, epoch=epoch + 1, config=config, wall_time_s=wall,
+                              best_accuracy=best)
+            if rank == 0:
+                save_checkpoint(checkpoint_path(args.log_dir), state)
     if rank == 0:
         print(f"hvd_distef.train: done, final test accuracy {100 * accuracy:.2f}% (best {100 * best:.2f}%), "
               f"metrics in {metrics}", flush=True)

@@ -92,24 +92,30 @@ def broadcast_state(flavour):
 
 
 def broadcast_state_options(flavour):
-    """test_broadcast_state_options, adapted: ranks built with different options are refused at
-    construction here (issue 11), so rank 1 changes its options after construction; the broadcast
-    gives every rank rank 0's, with their types, and the next step runs."""
+    """test_broadcast_state_options, for SGD: ranks built with different options step once, then the
+    broadcast gives every rank rank 0's, with their types, and the next step keeps the ranks identical.
+    Under allreduce that first step is Horovod's (each rank its own options); under error feedback it
+    raises ValueError on every rank (each rank's values named), the documented difference: the
+    broadcast must come before the first step there."""
     params_0 = dict(lr=0.1, momentum=0.8, weight_decay=0.2, nesterov=True)
     params_1 = dict(lr=0.2, momentum=0.9, weight_decay=0.1, nesterov=False)
     model = mlp()
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    opt = distributed(torch.optim.SGD(model.parameters(), **params_0), flavour,
+    opt = distributed(torch.optim.SGD(model.parameters(), **(params_0 if RANK == 0 else params_1)), flavour,
                       named_parameters=model.named_parameters())
     x, y = data(RANK)
     opt.zero_grad()
     F.mse_loss(model(x), y, reduction="sum").backward()
-    opt.step()
-    if RANK != 0:
-        opt.param_groups[0].update(params_1)
+    try:
+        opt.step()
+    except ValueError as exc:
+        assert flavour != "allreduce" and "'lr': 0.1" in str(exc) and "'lr': 0.2" in str(exc), str(exc)
+    else:
+        assert flavour == "allreduce", "ranks with different options stepped under error feedback"
     hvd.broadcast_optimizer_state(opt, root_rank=0)
     for k, v in params_0.items():
         assert type(opt.param_groups[0][k]) is type(v) and opt.param_groups[0][k] == v, k
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     opt.zero_grad()
     F.mse_loss(model(x), y, reduction="sum").backward()
     opt.step()

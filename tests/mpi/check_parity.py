@@ -338,16 +338,20 @@ def _scaled_backward(model, opt, scaler, t):
 
 
 def grad_scaler_skips_on_every_rank():
-    """An inf on rank 1 only at step 1: every rank skips that step, no hang, identical parameters;
-    with hvd_distef.GradScaler the scales stay identical too. Without infs an AMP run equals the
-    plain run bit for bit (scaling by powers of two is exact)."""
+    """An inf on rank 1 only at step 1: every rank skips that step, no hang, identical parameters, and
+    the scales stay identical on every rank, with torch's stock GradScaler (our step writes the ranks'
+    decision where its update() reads it) as with hvd_distef.GradScaler: 2048, 1024, 2048, 4096 (growth
+    every step). Without infs an AMP run equals the plain run bit for bit (scaling by powers of two is
+    exact)."""
     out = []
-    for topology, compression in (("ps", "blocksign"), ("allreduce", "none"), ("sharded", "blocksign")):
+    for topology, compression in (("ps", "blocksign"), ("allreduce", "none"), ("sharded", "blocksign"),
+                                  ("tree", "blocksign"), ("ring", "blocksign"), ("allgather", "blocksign"),
+                                  ("majority_vote", "sign")):
         for scaler_cls in (torch.amp.GradScaler, hvd_distef.GradScaler):
             model = make_model()
             opt = wrap(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
                        compression=compression, topology=topology)
-            scaler = scaler_cls("cpu", init_scale=2.0 ** 10)
+            scaler = scaler_cls("cpu", init_scale=2.0 ** 10, growth_interval=1)
             plain = make_model()
             plain_opt = wrap(plain, torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9),
                              compression=compression, topology=topology)
@@ -356,6 +360,8 @@ def grad_scaler_skips_on_every_rank():
                 _scaled_backward(model, opt, scaler, t)
                 scaler.step(opt)
                 scaler.update()
+                assert COMM.allgather(scaler.get_scale()) == [[2048.0, 1024.0, 2048.0, 4096.0][t]] * M, \
+                    f"{topology}/{scaler_cls.__module__} step {t}: scales {COMM.allgather(scaler.get_scale())}"
                 assert_identical_across_ranks(model.parameters(), f"step {t}")
                 if t == 1:
                     assert torch.equal(before, flat(model.parameters())), "the inf step moved x"
@@ -364,12 +370,9 @@ def grad_scaler_skips_on_every_rank():
                     loss_of(plain, RANK, t).backward()
                     plain_opt.step()
                     assert torch.equal(flat(plain.parameters()), flat(model.parameters())), f"step {t}"
-            scales = COMM.allgather(scaler.get_scale())
-            if scaler_cls is hvd_distef.GradScaler:
-                assert len(set(scales)) == 1, scales
             assert opt.comm_stats()["skipped_steps"] == 1
-            out.append(f"{topology}/{scaler_cls.__module__}: scales {scales}")
-    return "; ".join(out)
+            out.append(f"{topology}/{scaler_cls.__module__}")
+    return "equal scales: " + ", ".join(out)
 
 
 def horovod_amp_recipe_skips_alike():
@@ -484,16 +487,14 @@ def fp16_on_the_wire_stays_finite():
 
 
 def ranks_that_disagree_raise_on_every_rank():
-    """lr 0.1 on rank 0 and 0.2 elsewhere; nonfinite; a float64 model or a misspelt compressor on one
-    rank only: every rank raises at construction, naming the rank (no hang)."""
+    """nonfinite; a float64 model or a misspelt compressor on one rank only: every rank raises at
+    construction, naming the rank (no hang). Different lr may be built (broadcast_optimizer_state aligns
+    them): check_patterns.options_are_aligned_by_broadcast_or_refused_at_the_step."""
     cases = {
-        "lr": lambda m: (torch.optim.SGD(m.parameters(), lr=0.1 if RANK == 0 else 0.2), {}),
         "nonfinite": lambda m: (torch.optim.SGD(m.parameters(), lr=0.1), {"nonfinite": "raise" if RANK else "skip"}),
         "float64": lambda m: (torch.optim.SGD((m.double() if RANK == 1 else m).parameters(), lr=0.1), {}),
         "compressor": lambda m: (torch.optim.SGD(m.parameters(), lr=0.1),
                                  {"compression": "blocksign" if RANK != 1 else "blocksing"}),
-        "groups": lambda m: (torch.optim.SGD([{"params": list(m.parameters())[:2]},
-                                              {"params": list(m.parameters())[2:], "lr": 0.1 * (RANK + 1)}], lr=0.1), {}),
     }
     out = []
     for name, build in cases.items():
@@ -572,7 +573,9 @@ def an_error_leaves_the_next_step_intact():
                                            ("sharded", "none", False), ("ps", "blocksign", False),
                                            ("sharded", "blocksign", False), ("ps", "blocksign", True),
                                            ("sharded", "blocksign", True)):
-        for fault in ("nan", "passes", "lr", "float64") + (("overflow",) if compression == "blocksign" else ()):
+        # under allreduce each rank steps with its own lr, as in Horovod: not a fault there
+        for fault in ("nan", "passes", "float64") + (("lr",) if topology != "allreduce" else ()) + \
+                (("overflow",) if compression == "blocksign" else ()):
             p = torch.nn.Parameter(torch.zeros(4))
             opt = hvd_distef.DistributedOptimizer(torch.optim.SGD([p], lr=0.1), named_parameters=[("p", p)],
                                                   compression=compression, topology=topology, nonfinite="raise",
