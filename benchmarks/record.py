@@ -176,6 +176,37 @@ def netem_step(data: dict) -> str:
     return "\n\n".join(parts)
 
 
+def netem_nodes(data: dict) -> str:
+    """Nodes of several ranks: the step, and what crossed each node's link (its interface's counters)."""
+    res = data["results"]
+    rows = []
+    for (rate, ranks, params) in sorted({(r["rate"], r["ranks"], r["params"]) for r in res["records"]},
+                                        key=lambda k: (-_rate(k[0]), k[1], k[2])):
+        at = [r for r in res["records"] if (r["rate"], r["ranks"], r["params"]) == (rate, ranks, params)]
+        base = next((r for r in at if r["topology"] == "horovod"), None)
+        flat = next((r for r in at if r["topology"] == "sharded"), None)
+        for r in at:
+            link = max(sent + received for sent, received in r["node_link_bytes_per_step"])
+            flat_link = None if flat is None else max(s + rc for s, rc in flat["node_link_bytes_per_step"])
+            rows.append([rate, f"{ranks // r['ranks_per_node']} x {r['ranks_per_node']}", f"{params / 1e6:g}M",
+                         r["topology"], ms(r["step_time_median_s"]),
+                         "" if base is None else f"{r['step_time_median_s'] / base['step_time_median_s']:.2f}x",
+                         f"{link:,.0f}", "" if flat_link is None else f"{link / flat_link:.2f}x"])
+    crowded = [c for c in res["clusters"] if c["oversubscribed"]]
+    note = ("
+
+" + CROWDED.format(ranks=", ".join(sorted({str(c["ranks"]) for c in crowded})),
+                                    cores=data["meta"]["cores"])) if crowded else ""
+    return ("Nodes of consecutive ranks (one network namespace each; shared memory inside, the shaped link "
+            "between nodes); `hierarchical` with `local_size` = ranks per node. The link's bytes are the node "
+            "interface's counters over the timed steps, sent + received, busiest node: TCP/IP headers, MPI's and "
+            "Horovod's control messages and the timing collectives included.
+
+"
+            + table(["link", "nodes x ranks", "parameters", "contender", "step (median, slowest rank)",
+                     "vs horovod", "bytes on the busiest node's link per step", "vs flat sharded"], rows) + note)
+
+
 def _rate(rate: str) -> float:
     units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
     return next(float(rate[:-len(u)]) * s for u, s in units.items() if rate.endswith(u))
@@ -327,6 +358,12 @@ SECTIONS = [
      "How long does one optimizer step take per contender on a network, with synthetic gradients (so that compute "
      "does not hide the link), against stock Horovod in float32 and fp16?",
      "netem_step", f"{PY} benchmarks/netem/run.py", netem_step),
+    ("Nodes: raw inside, compressed across",
+     "With several ranks per node, does `hierarchical` (one compressed payload per node across the network) cut "
+     "what crosses the nodes' links against flat `sharded`, and what does its step cost against the flat "
+     "topologies and stock Horovod?",
+     "netem_nodes", f"{PY} benchmarks/netem/run.py --ranks 4 8 --ranks-per-node 2 --params 1e6 2.5e7 --rates 1gbit "
+     "--contenders horovod horovod-fp16 ps sharded hierarchical --name netem_nodes", netem_nodes),
     ("End to end to a target accuracy",
      "How long does real training take to reach the target accuracy, per method, against stock Horovod, with every "
      "method training from the same weights on the same batches, interleaved in one job?",

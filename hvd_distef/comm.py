@@ -377,6 +377,7 @@ class Comm:
         self.bytes_received = 0
         self.staging = Staging(cuda_aware_mpi(MPI))
         self.serial, self._names = PROCESS.next_serial(), 0
+        self._parent: Optional["Comm"] = None  # ``split``: the Comm whose bytes this one's count toward too
 
     def unique_name(self, prefix: str) -> str:
         """A name for a Horovod operation of this ``Comm``'s owner, the same on every rank (optimizers and
@@ -393,6 +394,24 @@ class Comm:
         other.bytes_sent = other.bytes_received = 0
         other.serial, other._names = PROCESS.next_serial(), 0
         other.staging = Staging(self.staging.cuda_aware)
+        other._parent = None
+        return other
+
+    def split(self, color: int, key: int) -> Optional["Comm"]:
+        """A ``Comm`` on the ranks of this one that pass the same ``color`` (collective over this one:
+        MPI_Comm_split), ranked by ``key``, or None where ``color`` is ``MPI.UNDEFINED``; its bytes count on
+        this one too, so that an optimizer's ``comm_stats`` holds what its topology moved within groups of
+        ranks (``hierarchical``: the ranks of a node, the nodes' leaders)."""
+        mpi = self.mpi.Split(color, key)
+        serial = PROCESS.next_serial()  # on every rank, also without a part: later Comms' names stay alike
+        if mpi == self.MPI.COMM_NULL:
+            return None
+        other = copy.copy(self)
+        other.mpi, other.rank, other.size, other.stalls = mpi, mpi.Get_rank(), mpi.Get_size(), None
+        other.bytes_sent = other.bytes_received = 0
+        other.serial, other._names = serial, 0
+        other.staging = Staging(self.staging.cuda_aware)
+        other._parent = self
         return other
 
     def wait_until(self, what: str, done: Callable[[], bool]) -> None:
@@ -451,6 +470,8 @@ class Comm:
     def _count(self, sent: float, received: float) -> None:
         self.bytes_sent += sent
         self.bytes_received += received
+        if self._parent is not None:
+            self._parent._count(sent, received)
 
     # --- byte collectives ---------------------------------------------------------------------
     # Each counts the bytes of the buffers it hands to MPI that leave or reach this rank: a rank's
@@ -538,6 +559,22 @@ class Comm:
         self.complete(f"MPI Sendrecv with ranks {dest}/{source}", self.mpi.Irecv(into, source=source),
                       self.mpi.Isend(self.staging.send(buf), dest=dest))
         self._count(buf.numel(), nbytes)
+        return result()
+
+    def reduce_sum_(self, t: torch.Tensor, root: int) -> torch.Tensor:
+        """MPI's Reduce (sum) of a float32 tensor over this communicator onto ``root``, in place there
+        (elsewhere ``t`` is left as it was); counted as the flat tree it stands for (SPEC §3)."""
+        if self.size == 1:
+            return t
+        if self.rank == root:
+            into, result = self.staging.inplace(t, fill=True)
+            request = self.mpi.Ireduce(self.MPI.IN_PLACE, into, op=self.MPI.SUM, root=root)
+            self._count(0, (self.size - 1) * t.numel() * t.element_size())
+        else:
+            into, result = self.staging.send(t), lambda: t
+            request = self.mpi.Ireduce(into, None, op=self.MPI.SUM, root=root)
+            self._count(t.numel() * t.element_size(), 0)
+        self.complete("MPI Reduce", request)
         return result()
 
     def allreduce_sum_(self, t: torch.Tensor) -> torch.Tensor:

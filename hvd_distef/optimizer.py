@@ -63,6 +63,7 @@ class DistributedOptimizer(torch.optim.SGD):
         comm: an mpi4py communicator to use instead of ``MPI.COMM_WORLD`` (``comm.MPIProcess``).
         timeout_s, stall_warning_s: after ``stall_warning_s`` (60 s) in one of our collectives rank 0 warns,
             naming the ranks missing; after ``timeout_s`` (1800 s) the job is aborted with a message (``comm``).
+        local_size: ranks per node for ``topology="hierarchical"`` (default: the ranks that share memory).
 
     Raises (on every rank, naming each rank's cause): ``TypeError``/``ValueError`` for bad arguments on any
     rank, or ranks that disagree on the model or options. The param groups' hyper-parameters may differ at
@@ -81,12 +82,13 @@ class DistributedOptimizer(torch.optim.SGD):
                  sparse_as_dense: bool = False, process_set=None, *, topology: str = "ps",
                  nonfinite: Optional[str] = None, overlap: bool = False,
                  bucket_cap_mb: float = buckets.DEFAULT_BUCKET_CAP_MB, error_decay: Optional[float] = None,
-                 comm=None, timeout_s: Optional[float] = None, stall_warning_s: Optional[float] = None):
+                 comm=None, timeout_s: Optional[float] = None, stall_warning_s: Optional[float] = None,
+                 local_size: Optional[int] = None):
         failure = topology_cls = rule_cls = None
         try:  # everything that can fail on one rank alone
             topology_cls, rule_cls = options.configure(
                 self, optimizer, named_parameters, compression, topology, backward_passes_per_step, nonfinite, overlap,
-                bucket_cap_mb, error_decay, op, gradient_predivide_factor, num_groups, groups)
+                bucket_cap_mb, error_decay, op, gradient_predivide_factor, num_groups, groups, local_size)
         except (TypeError, ValueError) as exc:  # told to every rank below, instead of a hang
             failure = exc
         self.comm = Comm(comm, timeout_s, process_set, stall_warning_s)
@@ -99,9 +101,8 @@ class DistributedOptimizer(torch.optim.SGD):
             self.comm = self.comm.private()
         # Δ̃ (ef), the vote (signum): one flat buffer allocated once, the topologies' buckets its slices
         delta = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
-        extra = {"op": self._op, "predivide": self._predivide} if topology_cls.takes_reduce_op else {}
         self.buckets = buckets.build(self._layout, self.bucket_cap_mb, topology_cls, self.comm, self.compressor,
-                                     delta, **extra)
+                                     delta, **options.topology_options(self, topology_cls))
         self.block_sizes = tuple(b for bucket in sorted(self.buckets, key=lambda b: b.start)
                                  for b in bucket.topology.block_sizes)
         self.stats = Statistics()

@@ -22,7 +22,8 @@ HYPERPARAMETERS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "m
 
 
 def configure(opt, optimizer, named_parameters, compression, topology: str, backward_passes_per_step, nonfinite,
-              overlap, bucket_cap_mb, error_decay_beta, op, gradient_predivide_factor, num_groups, groups):
+              overlap, bucket_cap_mb, error_decay_beta, op, gradient_predivide_factor, num_groups, groups,
+              local_size=None):
     """``opt``'s options from ``DistributedOptimizer``'s arguments (its docstring), on this rank alone:
     ``opt`` becomes a ``torch.optim.SGD`` over ``optimizer``'s own param group dicts, with its compressor,
     fused layout, backward-pass counter and resolved options. Returns the topology and update-rule classes.
@@ -54,7 +55,16 @@ def configure(opt, optimizer, named_parameters, compression, topology: str, back
     opt._op = horovod_args.reduce_op(op, sums=rule_cls.torch_state)
     opt._predivide = horovod_args.check_predivide(gradient_predivide_factor, opt._op)
     horovod_args.check_groups(num_groups, groups)
+    if local_size is not None and "local_size" not in topology_cls.options:
+        raise ValueError(f"local_size= (ranks per node) is for topology='hierarchical', not {topology!r}")
+    opt.local_size = local_size
     return topology_cls, rule_cls
+
+
+def topology_options(opt, topology_cls) -> dict:
+    """The optimizer's options that the topology takes (``Topology.options``), by keyword."""
+    every = {"op": opt._op, "predivide": opt._predivide, "local_size": opt.local_size}
+    return {name: every[name] for name in topology_cls.options}
 
 
 def check_own_step(cls: type) -> None:
@@ -122,6 +132,7 @@ def config(opt) -> dict:
         "compression": opt.compressor.name, "compression_options": opt.compressor.config(),
         "topology": opt._topology_name, "backward_passes_per_step": opt.backward_passes_per_step,
         "overlap": opt.overlap, "bucket_cap_mb": opt.bucket_cap_mb, "error_decay": opt.error_decay,
+        "local_size": opt.local_size,
         "parameters": hashlib.sha1(json.dumps(shapes).encode()).hexdigest(),
         "numel": opt.numel, "num_params": len(layout.params),
         "group_sizes": [len(ps) for ps in layout.group_params],

@@ -12,6 +12,7 @@ overlap. May import the floors below (buckets, rules, error memories), never the
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 from typing import Callable, List, Optional, Sequence
 
@@ -41,18 +42,19 @@ class Rollback:
 
     Args:
         worker_memory: the worker's error memory over the fused buffer, or None.
-        server_memories: per bucket, the error memory this rank holds for it, or None.
-        compressors: per bucket, the server role's compressor; ``worker_compressor`` the worker's.
+        bucket_memories: per bucket, the error memories its topology holds on this rank (``Topology.memories``).
+        streams: per bucket, the compressors its topology advances (``Topology.streams``);
+            ``worker_compressor`` the worker's.
     """
 
-    def __init__(self, worker_memory: Optional[ErrorMemory], server_memories: Sequence[Optional[ErrorMemory]],
-                 worker_compressor, compressors: Sequence):
+    def __init__(self, worker_memory: Optional[ErrorMemory], bucket_memories: Sequence[Sequence[ErrorMemory]],
+                 worker_compressor, streams: Sequence[Sequence]):
         self._worker = worker_memory
         self._worker_copy = None if worker_memory is None else torch.zeros_like(worker_memory.error)
-        self._servers = list(server_memories)
-        self._server_copies = [None if m is None else torch.zeros_like(m.error) for m in self._servers]
+        self._memories = [list(memories) for memories in bucket_memories]
+        self._copies = [[torch.zeros_like(m.error) for m in memories] for memories in self._memories]
         self._worker_compressor = worker_compressor
-        self._compressors = list(compressors)
+        self._streams = [list(compressors) for compressors in streams]
         self._undo: list = []
 
     def begin(self) -> None:
@@ -66,14 +68,12 @@ class Rollback:
         if self._worker is not None:
             kept = self._worker.keep(start, stop, self._worker_copy)
             undo.append(lambda: self._worker.put_back(start, stop, self._worker_copy, kept))
-        server, store = self._servers[bucket], self._server_copies[bucket]
-        if server is not None:
+        for memory, store in zip(self._memories[bucket], self._copies[bucket]):
             n = store.numel()
-            server_kept = server.keep(0, n, store)
-            undo.append(lambda: server.put_back(0, n, store, server_kept))
-        compressor = self._compressors[bucket]
-        state = copy.deepcopy(compressor.state_dict())
-        undo.append(lambda: compressor.load_state_dict(state))
+            kept_there = memory.keep(0, n, store)
+            undo.append(functools.partial(memory.put_back, 0, n, store, kept_there))
+        for compressor in self._streams[bucket]:
+            undo.append(functools.partial(compressor.load_state_dict, copy.deepcopy(compressor.state_dict())))
 
     def restore(self) -> None:
         """Everything kept since ``begin`` back as it was."""
@@ -100,8 +100,8 @@ class Overlap:
             bucket_of[bucket.first:bucket.stop_param] = [k] * (bucket.stop_param - bucket.first)
         this = weakref.ref(self)  # the pipeline's thread must not keep a discarded optimizer alive
         self.pipeline = BucketPipeline(bucket_of, lambda k: this().speculate(k), lambda: this().rule.progress())
-        self.rollback = Rollback(rule.memory, [b.topology.server_memory for b in buckets], rule.worker_compressor,
-                                 [b.topology.compressor for b in buckets])
+        self.rollback = Rollback(rule.memory, [[m for m, _ in b.topology.memories()] for b in buckets],
+                                 rule.worker_compressor, [b.topology.streams() for b in buckets])
         self.speculated = False  #: this step's buckets ran and the step has not used them yet
         self.voided = False      #: ``zero_grad()`` dropped this step's buckets: none run until the step
         self.speculation: Optional[Speculation] = None

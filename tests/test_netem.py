@@ -56,6 +56,27 @@ def test_two_ranks_on_a_slow_link(tmp_path):
     assert subprocess.run(["ip", "link", "show", cluster.BRIDGE], capture_output=True).returncode != 0
 
 
+@pytest.mark.skipif(WHY is not None, reason=f"no network namespaces here: {WHY}")
+def test_nodes_of_two_ranks(tmp_path):
+    """2 nodes x 2 ranks: each node a host of its own name (Horovod's local ranks follow), and
+    `hierarchical` with local_size=2 sends across each node's link one compressed payload per node: its
+    node's link carries less than flat `sharded`'s, which sends from every rank."""
+    out = tmp_path / "records.jsonl"
+    with cluster.EmulatedCluster(4, rate="200mbit", ranks_per_node=2) as c:
+        where = c.mpirun([sys.executable, "-c", "import socket, horovod.torch as hvd; hvd.init(); "
+                          "print(hvd.rank(), socket.gethostname(), hvd.local_rank(), hvd.local_size())"], timeout=120)
+        assert where.returncode == 0, where.stderr[-3000:]
+        assert sorted(where.stdout.split("\n")[:-1]) == [f"{r} {c.names[r // 2]} {r % 2} 2" for r in range(4)]
+        proc = c.mpirun([sys.executable, str(ROOT / "benchmarks" / "netem" / "bench_step.py"), "--params", "2e5",
+                         "--topologies", "sharded", "hierarchical", "--steps", "2", "--rate", "200mbit", "--out",
+                         str(out), "--ranks-per-node", "2"], timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {r["topology"]: r for r in map(json.loads, out.read_text().splitlines())}
+    links = {t: max(sent + received for sent, received in r["node_link_bytes_per_step"]) for t, r in records.items()}
+    assert all(len(r["node_link_bytes_per_step"]) == 2 for r in records.values()), records
+    assert 0 < links["hierarchical"] < links["sharded"], links
+
+
 def test_refuses_without_rights(monkeypatch):
     monkeypatch.setattr(cluster.os, "geteuid", lambda: 1000)
     with pytest.raises(cluster.HarnessError, match="needs root"):

@@ -33,14 +33,23 @@ COMPRESSION = {"allreduce": "none", "majority_vote": "sign"}
 HOROVOD = {"horovod": "none", "horovod-fp16": "fp16"}
 
 
-def build(name: str, params, sgd: torch.optim.SGD):
+def link_bytes() -> tuple:
+    """(sent, received) bytes so far on this namespace's link to the others (its node's), or (0, 0) outside one."""
+    stats = Path("/sys/class/net/eth0/statistics")
+    if not stats.is_dir():
+        return 0, 0
+    return int((stats / "tx_bytes").read_text()), int((stats / "rx_bytes").read_text())
+
+
+def build(name: str, params, sgd: torch.optim.SGD, local_size=None):
     """The contender's optimizer and (compression, where its bytes come from)."""
     if name in HOROVOD:
         return (hvd.DistributedOptimizer(sgd, named_parameters=[(f"p{i}", p) for i, p in enumerate(params)],
                                          compression=getattr(hvd.Compression, HOROVOD[name])),
                 HOROVOD[name], RING_FORMULA)
     compression = COMPRESSION.get(name, "blocksign")
-    opt = hvd_distef.DistributedOptimizer(sgd, compression=compression, topology=name)
+    extra = {"local_size": local_size} if name == "hierarchical" else {}
+    opt = hvd_distef.DistributedOptimizer(sgd, compression=compression, topology=name, **extra)
     return opt, compression, None
 
 
@@ -52,6 +61,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rate", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--ranks-per-node", type=int, default=1, help="consecutive ranks sharing a node's link")
     args = ap.parse_args()
     hvd.init(comm=MPI.COMM_WORLD)
     world = MPI.COMM_WORLD
@@ -61,9 +71,13 @@ def main():
         gen = torch.Generator().manual_seed(world.rank)
         grads = [torch.randn(p.numel(), generator=gen) * 1e-3 for p in params]
         opt, compression, computed = build(
-            name, params, torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4))
-        times = []
+            name, params, torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4),
+            args.ranks_per_node)
+        times, link = [], (0, 0)
         for step in range(args.warmup + args.steps):
+            if step == args.warmup:
+                world.Barrier()
+                link = link_bytes()
             for p, g in zip(params, grads):  # stock Horovod averages p.grad in place: give it the same each step
                 p.grad = g.clone()
             world.Barrier()
@@ -80,14 +94,21 @@ def main():
             stats = opt.comm_stats()
             sent, received = stats["bytes_sent"] / stats["steps"], stats["bytes_received"] / stats["steps"]
             source = stats["bytes_source"]
+        world.Barrier()
+        on_link = [(after - before) / args.steps for after, before in zip(link_bytes(), link)]
         everyone = world.gather((sent, received), root=0)
+        nodes = world.gather(on_link if world.rank % args.ranks_per_node == 0 else None, root=0)
         if world.rank == 0:
             record = {"topology": name, "compression": compression, "ranks": world.size,
                       "params": sum(sizes), "tensors": len(sizes), "rate": args.rate,
                       "step_time_median_s": statistics.median(times), "step_times_s": times,
                       "bytes_sent_per_step": sent, "bytes_received_per_step": received,
                       "max_bytes_sent_per_step": max(s for s, _ in everyone),
-                      "busiest_bytes_per_step": max(s + r for s, r in everyone), "bytes_source": source}
+                      "busiest_bytes_per_step": max(s + r for s, r in everyone), "bytes_source": source,
+                      "ranks_per_node": args.ranks_per_node,
+                      # what crossed each node's link (its interface's counters: TCP/IP headers, MPI's and
+                      # Horovod's control messages and the timing collectives included)
+                      "node_link_bytes_per_step": [n for n in nodes if n is not None]}
             with open(args.out, "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"{name:>14} M={world.size} d={sum(sizes):,} {args.rate}: "

@@ -1,8 +1,10 @@
-"""An emulated cluster on one machine: one network namespace per rank, veth pairs into a bridge
+"""An emulated cluster on one machine: one network namespace per node, veth pairs into a bridge
 that is connected to nothing else, each link limited with netem (rate and delay, both ends), and
-mpirun started inside the first namespace over TCP only. Rank i runs on core i mod (the cores this
-process may use), as on a cluster where each rank has cores of its own: each namespace is a host
-to Open MPI, whose default binding would put every rank on core 0.
+mpirun started inside the first namespace. A node holds ``ranks_per_node`` ranks (consecutive ranks),
+which talk over shared memory (Open MPI's vader) as on one host; nodes talk over TCP only, through the
+shaped links. Rank i runs on core i mod (the cores this process may use), as on a cluster where each
+rank has cores of its own: each namespace is a host to Open MPI, whose default binding would put every
+rank of a node on one core.
 
 Needs root (it refuses with a clear message otherwise) and always cleans up: namespaces, bridge,
 its hosts-file lines, also after an error or Ctrl-C.
@@ -82,11 +84,13 @@ def _kill_processes_in(namespaces: List[str]) -> None:
 
 
 class EmulatedCluster:
-    """``with EmulatedCluster(4, rate="1gbit", delay="0.1ms") as c: c.mpirun([...])``."""
+    """``with EmulatedCluster(4, rate="1gbit", delay="0.1ms", ranks_per_node=2) as c: c.mpirun([...])``."""
 
-    def __init__(self, ranks: int, rate: str = "1gbit", delay: Optional[str] = None):
-        self.ranks, self.rate, self.delay = ranks, rate, delay
-        self.names = [f"{PREFIX}{i}" for i in range(ranks)]
+    def __init__(self, ranks: int, rate: str = "1gbit", delay: Optional[str] = None, ranks_per_node: int = 1):
+        if ranks % ranks_per_node:
+            raise ValueError(f"{ranks} ranks do not fill nodes of {ranks_per_node}")
+        self.ranks, self.rate, self.delay, self.ranks_per_node = ranks, rate, delay, ranks_per_node
+        self.names = [f"{PREFIX}{i}" for i in range(ranks // ranks_per_node)]
         self.tmp = Path(tempfile.mkdtemp(prefix="hvd_netem_"))
         self._old_handlers = {}
 
@@ -138,12 +142,17 @@ class EmulatedCluster:
             lines.append(f"{addr} {ns} {MARK}")
         with HOSTS.open("a") as f:
             f.write("\n".join(lines) + "\n")
-        (self.tmp / "hostfile").write_text("".join(f"{ns} slots=1\n" for ns in self.names))
+        (self.tmp / "hostfile").write_text("".join(f"{ns} slots={self.ranks_per_node}\n" for ns in self.names))
         cores = sorted(os.sched_getaffinity(0))
-        (self.tmp / "rankfile").write_text("".join(f"rank {i}={ns} slot={cores[i % len(cores)]}\n"
-                                                   for i, ns in enumerate(self.names)))
+        (self.tmp / "rankfile").write_text("".join(
+            f"rank {i}={self.names[i // self.ranks_per_node]} slot={cores[i % len(cores)]}\n"
+            for i in range(self.ranks)))
         agent = self.tmp / "agent.sh"
-        agent.write_text('#!/bin/sh\nhost="$1"; shift\nexec ip netns exec "$host" sh -c "$*"\n')
+        # each namespace a host of its own name (a UTS namespace too): processes that share a host name
+        # are taken for one host by MPI's and Horovod's locality checks, and two ranks per namespace then
+        # crashed Horovod's init over TCP
+        agent.write_text('#!/bin/sh\nhost="$1"; shift\n'
+                         'exec ip netns exec "$host" unshare --uts sh -c "hostname $host; $*"\n')
         agent.chmod(0o755)
         self._wait_until_ranks_answer()
 
@@ -188,7 +197,9 @@ class EmulatedCluster:
         cmd = ["ip", "netns", "exec", self.names[0], "mpirun", "-np", str(self.ranks), "--hostfile",
                str(self.tmp / "hostfile"), "--rankfile", str(self.tmp / "rankfile"),
                "--mca", "plm_rsh_agent", str(self.tmp / "agent.sh"),
-               "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "eth0",
+               "--mca", "btl", "tcp,vader,self" if self.ranks_per_node > 1 else "tcp,self",
+               "--mca", "btl_vader_single_copy_mechanism", "none",
+               "--mca", "btl_tcp_if_include", "eth0",
                "--mca", "oob_tcp_if_include", "eth0", "--mca", "mpi_yield_when_idle", str(int(yield_when_idle)),
                # the orteds of all namespaces share this machine; their hwloc shared-memory topology
                # write races and once segfaulted a launch: skip it

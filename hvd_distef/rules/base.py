@@ -16,6 +16,7 @@ import torch
 
 from .. import _kernels
 from ..buckets import Bucket
+from ..compressors import get_compressor
 from ..error_feedback import Segments, lr_ratio_segments
 from ..fused import DoubleBuffer, FusedLayout, Range
 from ..kernel_args import Descent
@@ -90,7 +91,9 @@ class UpdateRule:
 
     def __init__(self, ws: Workspace, compressor, rank: int, overlap: bool):
         self.ws, self.compressor = ws, compressor
-        self.worker_compressor = compressor.for_stream(rank)
+        # the worker's own compressor (its random stream), or none where the topology compresses for it
+        worker = compressor if all(b.topology.compresses_on_worker for b in ws.buckets) else get_compressor("none")
+        self.worker_compressor = worker.for_stream(rank)
         # the gradients, bucket by bucket (allocated once: a fresh 100 MB vector per step page-faults)
         self.grad = torch.zeros(ws.layout.numel, dtype=torch.float32, device=ws.layout.device)
 

@@ -39,7 +39,7 @@ class ErrorFeedback(OwnUpdate):
         self.worker_shards: List[Shard] = [s for b in ws.buckets for s in b.worker_shards]
         self.fused_update = (compressor.fuses_update(device)
                              and all(b.topology.delivers_payloads for b in ws.buckets))
-        self.steps_ahead = (self.fused_update and not overlap
+        self.steps_ahead = (self.fused_update and not overlap and self.worker_compressor.name == compressor.name
                             and all(compressor.fuses_worker_step(device, s.numel, s.block_sizes)
                                     for s in self.worker_shards))
         self.received: List[Optional[List[Payload]]] = [None] * len(ws.buckets)  # Δ̃ compressed, per bucket
@@ -158,8 +158,8 @@ class ErrorFeedback(OwnUpdate):
     def untouched(self, idle, idle_params) -> List[Untouched]:
         """Idle parameters keep everything; groups at lr = 0 keep their errors (SPEC §5a)."""
         ws = self.ws
-        memories = [(self.memory, 0)] + [(b.topology.server_memory, b.start + b.topology.server_start)
-                                         for b in ws.buckets]
+        memories = [(self.memory, 0)] + [(memory, b.start + start) for b in ws.buckets
+                                         for memory, start in b.topology.memories()]
         still = [bounds for bounds, g in zip(ws.layout.group_bounds, ws.groups) if g["lr"] == 0]
         return [Untouched(idle, [self.buffers.wd], memories, idle_params), Untouched(still, (), memories)]
 

@@ -26,7 +26,7 @@ class Allreduce(Topology):
     name = "allreduce"
     update_rule = "sgd"
     bytes_source = RING_FORMULA
-    takes_reduce_op = True
+    options = ("op", "predivide")
 
     def __init__(self, comm, compressor, tensor_sizes, device="cpu", delta=None, op: str = "average",
                  predivide: float = 1.0):

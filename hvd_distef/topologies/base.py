@@ -13,7 +13,7 @@ or MPI cannot be counted by us: such a topology says so in ``bytes_source`` (SPE
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Type
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 
@@ -37,8 +37,12 @@ class Topology:
     update_rule: ClassVar[str] = "ef"
     #: where ``comm_stats()``'s bytes come from: MEASURED, or a formula (``RING_FORMULA``)
     bytes_source: ClassVar[str] = MEASURED
-    #: whether the constructor takes Horovod's ``op`` and ``gradient_predivide_factor`` (``op=``, ``predivide=``)
-    takes_reduce_op: ClassVar[bool] = False
+    #: the optimizer's options the constructor takes by keyword: Horovod's ``op`` and
+    #: ``gradient_predivide_factor`` (``op``, ``predivide``), the ranks of a node (``local_size``)
+    options: ClassVar[Tuple[str, ...]] = ()
+    #: whether the worker compresses Δ_i itself (SPEC §1); else it sends d_i raw and the topology runs the
+    #: worker's error feedback where it should be (``hierarchical``: once per node)
+    compresses_on_worker: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -155,10 +159,10 @@ class Topology:
         s = self.shards[shard]
         return Payload.from_bytes(buf, self.layouts[shard], s.numel, s.block_sizes, self.device)
 
-    def decode_many(self, buf: torch.Tensor, shard: int = 0) -> List[Payload]:
-        """Equal-size payloads of one shard concatenated on the wire, in rank order."""
+    def decode_many(self, buf: torch.Tensor, shard: int = 0, count: Optional[int] = None) -> List[Payload]:
+        """``count`` (default: the ranks) equal-size payloads of one shard concatenated on the wire, in order."""
         n = self.nbytes[shard]
-        return [self.decode(buf[i * n:(i + 1) * n], shard) for i in range(buf.numel() // n if n else self.comm.size)]
+        return [self.decode(buf[i * n:(i + 1) * n], shard) for i in range(self.comm.size if count is None else count)]
 
     def server_compress(self, mean: torch.Tensor, segments: Segments, shard: int = 0) -> Payload:
         """The server step on a mean already computed (by a reduction tree or ring), on one shard;
@@ -183,6 +187,15 @@ class Topology:
         return self.server_memory.mean_step(self.compressor, payloads, window(segments, s.start, s.stop),
                                             s.block_sizes, scratch=self.scratch(shard))
 
+    def memories(self) -> List[Tuple[ErrorMemory, int]]:
+        """The error memories this rank holds for the bucket, each with where it starts in the bucket: what
+        a step that does not go ahead puts back (``overlap.Rollback``, ``untouched``)."""
+        return [] if self.server_memory is None else [(self.server_memory, self.server_start)]
+
+    def streams(self) -> List[Compressor]:
+        """The compressors whose random streams this rank's share of the exchange advances."""
+        return [self.compressor]
+
     def state_dict(self) -> dict:
         """The server error where this rank holds one."""
         return {} if self.server_memory is None else {"server_error": self.server_memory.state_dict()}
@@ -206,16 +219,46 @@ class Topology:
 
 
 class ShardPerRank(Topology):
-    """The server role split over the ranks: M shards of whole blocks, rank j holds the server
-    error of shard j (``sharded`` and ``ring``)."""
+    """The server role split over the ranks of ``servers`` (every rank: ``sharded`` and ``ring``; the nodes'
+    leaders: ``hierarchical``): one shard of whole blocks each, rank j of them holding the server error of
+    shard j."""
 
     def __init__(self, comm, compressor, tensor_sizes, device="cpu", delta=None):
         super().__init__(comm, compressor, tensor_sizes, device, delta)
-        self.server_memory = ErrorMemory(self.shards[comm.rank].numel, self.device)
-        self.server_start = self.shards[comm.rank].start
+        servers = self.servers
+        if servers is not None:
+            self.server_memory = ErrorMemory(self.shards[servers.rank].numel, self.device)
+            self.server_start = self.shards[servers.rank].start
+
+    @property
+    def servers(self) -> Optional[Comm]:
+        """The ranks among which the server role is split (None on a rank that holds none of it)."""
+        return self.comm
 
     def make_shards(self, tensor_sizes):
         return self.split_shards(tensor_sizes, self.comm.size)
+
+    def exchange_shards(self, payloads: List[Payload], segments: Segments) -> torch.Tensor:
+        """The sharded exchange among ``servers``: each sends shard j of its payloads to rank j (Alltoallv),
+        rank j averages the payloads of shard j and runs the server step on it with its own server error,
+        and an Allgatherv hands every one of them all compressed Δ̃ shards: their wire bytes, in order."""
+        comm, sizes = self.servers, self.nbytes
+        me = comm.rank
+        parts = [p.to_bytes() for p in payloads]
+        send = parts[0] if len(parts) == 1 else torch.cat(parts, out=self.buffer("send", sum(sizes)))
+        mine = comm.alltoallv(send, sizes, [sizes[me]] * comm.size,  # shard `me` from every worker
+                              out=self.buffer("shard", comm.size * sizes[me]) if comm.size > 1 else None)
+        server = self.server_reduce(self.decode_many(mine, me, comm.size), segments, me)  # server step, shard `me`
+        # Δ̃'s shards land where they are decompressed (``landing_all``); where shard `me` of a raw
+        # payload is already there (the server step's scratch), it is not copied
+        return comm.allgatherv(server.to_bytes(), sizes, out=self.landing_all())
+
+    def landing_all(self) -> torch.Tensor:
+        """One buffer for every shard's Δ̃ bytes in order: ``self.delta`` itself where each shard is a
+        float32 vector, else a kept buffer."""
+        if all(self.raw(j) for j in range(len(self.shards))):
+            return self.delta.view(torch.uint8)
+        return self.buffer("allgather", sum(self.nbytes))
 
 
 class RootServer(Topology):

@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="ef-blocksgdm", choices=sorted(METHODS))
     p.add_argument("--compression", choices=sorted(COMPRESSORS), help="override the method's compressor")
     p.add_argument("--topology", choices=sorted(TOPOLOGIES), help="override the method's topology")
+    p.add_argument("--local-size", type=positive_int,
+                   help="--topology hierarchical: ranks per node (default: the ranks that share memory)")
     p.add_argument("--block-size", type=positive_int, help="blocksign: split tensors into blocks of at most N")
     p.add_argument("--overlap", action="store_true",
                    help="exchange gradient buckets during backward (DistributedOptimizer(overlap=True))")
@@ -93,6 +95,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.compression = args.compression or preset["compression"]
     args.topology = args.topology or preset["topology"]
     args.lr = args.lr or preset["lr"]
+    if args.local_size and args.topology != "hierarchical":
+        p.error(f"--local-size is for --topology hierarchical, not {args.topology}")
     if preset.get("optimizer") == "horovod":
         if args.topology != preset["topology"]:
             p.error(f"--topology {args.topology}: --method horovod is Horovod's own allreduce; "

@@ -17,7 +17,8 @@ CAP_MB = 0.0001  # 26 floats: the Frozen model gets 5 buckets
 #: every topology, with blocks that never span tensors (then overlap is bit-identical)
 EVERY_TOPOLOGY = [("ps", "blocksign"), ("ps", hvd_distef.Compression.blocksign(block_size=5)),
                   ("sharded", "blocksign"), ("tree", "blocksign"), ("ring", "blocksign"),
-                  ("allgather", "blocksign"), ("ps", "fp16"), ("majority_vote", "sign"), ("allreduce", "none")]
+                  ("allgather", "blocksign"), ("ps", "fp16"), ("majority_vote", "sign"), ("allreduce", "none"),
+                  ("hierarchical", "blocksign")]
 
 
 def _batch(t):

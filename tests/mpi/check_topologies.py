@@ -105,6 +105,31 @@ def ring_none_equals_ps():
     return _lockstep({"ps": _uncompressed("ps"), "ring": _uncompressed("ring")})
 
 
+def hierarchical_none_equals_ps():
+    """`hierarchical` with Compression.none, nodes of 2 ranks where they divide M (else one rank a node):
+    the mean of the nodes' means is ps's mean, to float rounding."""
+    local = 2 if M % 2 == 0 else 1
+    return _lockstep({"ps": _uncompressed("ps"), "hierarchical": lambda model, sgd: wrap(
+        model, sgd, compression="none", topology="hierarchical", local_size=local)})
+
+
+def hierarchical_every_compressor():
+    """Every compressor under `hierarchical` (nodes of 2 ranks where they divide M): three steps, the
+    ranks bit-identical, the parameters finite and moved."""
+    from hvd_distef.compressors import REGISTRY as COMPRESSORS
+    local = 2 if M % 2 == 0 else 1
+    for name in sorted(COMPRESSORS):
+        model = make_model()
+        before = flat(model.parameters()).clone()
+        opt = wrap(model, sgd_two_groups(model, lr=0.01), compression=name, topology="hierarchical", local_size=local)
+        for t in range(3):
+            train_step(model, opt, RANK, t)
+        after = flat(model.parameters())
+        assert_identical_across_ranks(model.parameters(), name)
+        assert torch.isfinite(after).all() and not torch.equal(before, after), name
+    return ", ".join(sorted(COMPRESSORS))
+
+
 def majority_vote_matches_signum_simulation():
     return _against(lambda x, h: reference.ReferenceSignum(x, h, M), "majority_vote", "sign", lr=0.01)
 
@@ -239,7 +264,7 @@ def scalars_go_raw():
     ceil(1000/8) + 4·1000 = 4125, and trains bit for bit as compression `none` does, on every
     topology that carries blocksign payloads."""
     out = []
-    for topology in ("ps", "sharded", "tree", "ring", "allgather"):
+    for topology in ("ps", "sharded", "tree", "ring", "allgather", "hierarchical"):
         runs = []
         for compression in ("blocksign", "none"):
             torch.manual_seed(0)
@@ -279,7 +304,66 @@ def partial_sum_density_by_hop():
     return f"ring+topk: {reports}"
 
 
+def _local_sizes():
+    """Every way to cut the ranks into equal nodes of consecutive ranks (1 and M: one rank a node, one node)."""
+    return [L for L in range(1, M + 1) if M % L == 0]
+
+
+def hierarchical_matches_node_worker_simulation():
+    """Algorithm 2 with one worker per node (tests/mpi/reference.py, written apart), every node size: the
+    node's mean of its ranks' d, its worker error and compression, the server step over nodes."""
+    out = []
+    for local in _local_sizes():
+        model = make_model()
+        opt = wrap(model, sgd_two_groups(model), compression="blocksign", topology="hierarchical", local_size=local)
+        ref = reference.ReferenceNodeEF(list(model.parameters()), hypers_of(opt), M, local, reference.blocksign_per_tensor)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, MILESTONES, gamma=0.1)
+        worst = 0.0
+        for t in range(15):
+            ref.step([grads_at(ref.x, i, t) for i in range(M)], {gi: g["lr"] for gi, g in enumerate(opt.param_groups)})
+            train_step(model, opt, RANK, t)
+            sched.step()
+            assert_identical_across_ranks(model.parameters(), f"local_size={local} step {t}")
+            worst = max(worst, (flat(model.parameters()) - flat(ref.x)).abs().max().item())
+            assert worst <= 2e-6, f"local_size={local} step {t}: off by {worst:.3g}"
+        out.append(f"local_size={local}: max |x - x_ref| = {worst:.3g}")
+    return "; ".join(out)
+
+
+def hierarchical_one_rank_a_node_equals_sharded():
+    """One rank a node: the node is the worker, and hierarchical computes exactly what sharded does."""
+    a, _ = _train("sharded")
+    model = make_model()
+    opt = wrap(model, sgd_two_groups(model), compression="blocksign", topology="hierarchical", local_size=1)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, MILESTONES, gamma=0.1)
+    for t in range(15):
+        train_step(model, opt, RANK, t)
+        sched.step()
+    assert torch.equal(flat(a.parameters()), flat(model.parameters())), "hierarchical(local_size=1) is not sharded"
+    return "bitwise equal"
+
+
+def comm_stats_hierarchical():
+    """Inside a node: the d_i (4·numel bytes) reduced onto the leader, Δ̃'s payloads broadcast from it;
+    across nodes, sharded's bytes over N nodes: one payload of the whole vector per node each way."""
+    out = []
+    for local in _local_sizes():
+        opt, stats, T = _stats_after("hierarchical", "blocksign", local_size=local)
+        topology, nodes = opt.buckets[0].topology, M // local
+        s, raw = [math.ceil(sh.numel / 8) + 4 * len(sh.block_sizes) for sh in topology.shards], 4 * opt.numel
+        if RANK % local:
+            out.append(_check(stats, T, raw, sum(s)))
+            continue
+        me = RANK // local
+        across_sent = sum(s) - s[me] + (nodes - 1) * s[me]
+        across_received = (nodes - 1) * s[me] + sum(s) - s[me]
+        out.append(_check(stats, T, across_sent + (local - 1) * sum(s), across_received + (local - 1) * raw))
+    return "; ".join(out)
+
+
 CASES = {f.__name__: f for f in [
+    hierarchical_matches_node_worker_simulation, hierarchical_one_rank_a_node_equals_sharded,
+    comm_stats_hierarchical, hierarchical_none_equals_ps, hierarchical_every_compressor,
     sharded_equals_ps, ps_none_equals_torch_sgd, tree_none_equals_ps, ring_none_equals_ps,
     majority_vote_matches_signum_simulation, allgather_matches_one_way_error_feedback,
     tree_descends_quadratic, ring_descends_quadratic, comm_stats_ps, comm_stats_sharded,

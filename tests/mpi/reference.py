@@ -74,6 +74,52 @@ class ReferenceDistEF:
         self.prev_lr = dict(group_lrs)
 
 
+class ReferenceNodeEF(ReferenceDistEF):
+    """Algorithm 2 with one worker per node (``hierarchical``): every rank's own momentum and d_i; a node's
+    d is the mean of its ``local`` ranks' d_i (uncompressed); the node's worker error and compression, the
+    server step over the nodes, the update as in SPEC §1. Ranks r·local .. (r+1)·local − 1 form node r."""
+
+    def __init__(self, params: Tensors, hypers: Sequence[dict], workers: int, local: int,
+                 compress: Callable[[Tensors], Tensors]):
+        super().__init__(params, hypers, workers, compress)
+        self.local, self.nodes = local, workers // local
+        self.node_e = [[torch.zeros_like(p) for p in self.x] for _ in range(self.nodes)]
+
+    def step(self, worker_grads: List[Tensors], group_lrs: dict) -> None:
+        lr = [group_lrs[h["group"]] for h in self.hypers]
+        ratio = [self.prev_lr.get(h["group"], 0.0) / group_lrs[h["group"]] for h in self.hypers]
+        ds = []
+        for i in range(self.M):
+            d_i = []
+            for j, g in enumerate(worker_grads[i]):
+                mu = self.hypers[j]["momentum"]
+                self.m[i][j] = mu * self.m[i][j] + g
+                d_i.append(mu * self.m[i][j] + g if self.hypers[j]["nesterov"] else self.m[i][j])
+            ds.append(d_i)
+        deltas = []
+        for n in range(self.nodes):
+            members = ds[n * self.local:(n + 1) * self.local]
+            ps = []
+            for j in range(len(self.x)):
+                total = members[0][j]
+                for d_i in members[1:]:
+                    total = total + d_i[j]
+                ps.append(total / self.local + ratio[j] * self.node_e[n][j])
+            delta = self.compress(ps)
+            self.node_e[n] = [p - dl for p, dl in zip(ps, delta)]
+            deltas.append(delta)
+        server_p = [sum(delta[j] for delta in deltas) / self.nodes + ratio[j] * self.server_e[j]
+                    for j in range(len(self.x))]
+        server_delta = self.compress(server_p)
+        self.server_e = [p - dl for p, dl in zip(server_p, server_delta)]
+        for j, h in enumerate(self.hypers):
+            mu, wd = h["momentum"], h["weight_decay"]
+            self.w[j] = mu * self.w[j] + wd * self.x[j]
+            u = server_delta[j] + mu * self.w[j] + wd * self.x[j] if h["nesterov"] else server_delta[j] + self.w[j]
+            self.x[j] = self.x[j] - lr[j] * u
+        self.prev_lr = dict(group_lrs)
+
+
 class ReferenceSignum:
     """Signum with majority vote (Bernstein et al. 2019) for M simulated workers, per tensor."""
 
