@@ -40,18 +40,22 @@ class ReferenceDistEF:
         self.w = zeros()
         self.prev_lr = {}
 
+    def worker_d(self, i: int, grads: Tensors) -> Tensors:
+        """Worker i's momentum step: m_i = μ·m_i + g_i; d_i = μ·m_i + g_i (nesterov) or m_i."""
+        out = []
+        for j, g in enumerate(grads):
+            mu = self.hypers[j]["momentum"]
+            self.m[i][j] = mu * self.m[i][j] + g
+            out.append(mu * self.m[i][j] + g if self.hypers[j]["nesterov"] else self.m[i][j])
+        return out
+
     def step(self, worker_grads: List[Tensors], group_lrs: dict) -> None:
         lr = [group_lrs[h["group"]] for h in self.hypers]
         ratio = [self.prev_lr.get(h["group"], 0.0) / group_lrs[h["group"]] if self.error_decay is None
                  else self.error_decay for h in self.hypers]
         deltas = []
         for i in range(self.M):
-            ps = []
-            for j, g in enumerate(worker_grads[i]):
-                mu = self.hypers[j]["momentum"]
-                self.m[i][j] = mu * self.m[i][j] + g
-                d = mu * self.m[i][j] + g if self.hypers[j]["nesterov"] else self.m[i][j]
-                ps.append(d + ratio[j] * self.e[i][j])
+            ps = [d + ratio[j] * self.e[i][j] for j, d in enumerate(self.worker_d(i, worker_grads[i]))]
             delta = self.compress(ps)
             self.e[i] = [p - dl for p, dl in zip(ps, delta)]
             deltas.append(delta)
@@ -88,14 +92,7 @@ class ReferenceNodeEF(ReferenceDistEF):
     def step(self, worker_grads: List[Tensors], group_lrs: dict) -> None:
         lr = [group_lrs[h["group"]] for h in self.hypers]
         ratio = [self.prev_lr.get(h["group"], 0.0) / group_lrs[h["group"]] for h in self.hypers]
-        ds = []
-        for i in range(self.M):
-            d_i = []
-            for j, g in enumerate(worker_grads[i]):
-                mu = self.hypers[j]["momentum"]
-                self.m[i][j] = mu * self.m[i][j] + g
-                d_i.append(mu * self.m[i][j] + g if self.hypers[j]["nesterov"] else self.m[i][j])
-            ds.append(d_i)
+        ds = [self.worker_d(i, worker_grads[i]) for i in range(self.M)]
         deltas = []
         for n in range(self.nodes):
             members = ds[n * self.local:(n + 1) * self.local]
