@@ -107,6 +107,11 @@ class BucketPipeline:
         """Whether this step's buckets are being (or were) exchanged by the thread."""
         return self._thread is not None
 
+    @property
+    def finished(self) -> bool:
+        """Whether the thread has run every bucket of this step (``drain`` then waits for nothing)."""
+        return self._thread is not None and not self._thread.is_alive()
+
     def ready(self, param_index: int) -> None:
         """This parameter's gradient is final for the step (called from its backward hook); the
         first call of a step starts the thread."""

@@ -26,6 +26,9 @@ NOT_OURS = ("this is not a hvd_distef.DistributedOptimizer state dict (no 'diste
             "topology='allreduce' (same param groups), or start afresh")
 
 
+#: what a rank that calls ``gathered`` alone is told
+COLLECTIVE = ("a collective: call it on every rank of the optimizer, then save on rank 0 only "
+              "(state = opt.gathered_state_dict(); if rank == 0: torch.save(state, path))")
 #: the key of a job's state dict holding every rank's state dict, in rank order
 JOB = "distef_ranks"
 
@@ -40,7 +43,10 @@ def gathered(opt, root_rank: int = 0) -> Optional[dict]:
     rank's ``opt.state_dict()`` in rank order. Raises ValueError on every rank for a root out of range."""
     if not 0 <= root_rank < opt.comm.size:
         raise ValueError(f"root_rank must be in [0, {opt.comm.size}), got {root_rank!r}")
-    parts = opt.comm.gather_obj(opt.state_dict(), root_rank)
+    try:
+        parts = opt.comm.gather_obj(opt.state_dict(), root_rank, purpose=f" of gathered_state_dict(), {COLLECTIVE}")
+    except opt.comm.MPI.Exception as exc:  # paired with another collective of the other ranks
+        raise HvdDistefError(f"gathered_state_dict() failed in MPI ({exc}): {COLLECTIVE}") from exc
     if parts is None:
         return None
     return {"state": parts[root_rank]["state"], "param_groups": parts[root_rank]["param_groups"], JOB: parts}

@@ -36,6 +36,8 @@ DEFAULT_STALL_WARNING_S = 60.0
 #: seconds of waiting (at most a quarter of the warning's) after which a rank tells rank 0 which
 #: collective it waits in, for the warning
 REPORT_AFTER_S = 1.0
+#: seconds a collective of a thread of ours may still wait after the script's main thread has ended
+ORPHAN_GRACE_S = 10.0
 STALL_TAG = 17
 #: 1 or 0: whether MPI may be handed CUDA buffers; unset: ask the MPI library (MPIX_Query_cuda_support)
 CUDA_AWARE_ENV = "HVD_DISTEF_CUDA_AWARE"
@@ -421,11 +423,18 @@ class Comm:
         its stderr and aborts the job, so that no allocation burns waiting forever."""
         start = time.monotonic()
         reported = warned = False
+        orphaned = None  # since when this thread's script has ended (a thread of ours: overlap's buckets)
         while not done():
             os.sched_yield()
             waited = time.monotonic() - start
             if waited < min(REPORT_AFTER_S, self.stall_warning_s / 4):
                 continue
+            if threading.current_thread() is not threading.main_thread() and not threading.main_thread().is_alive():
+                orphaned = orphaned or time.monotonic()
+                if time.monotonic() - orphaned > ORPHAN_GRACE_S:
+                    self._abort(f"the script has ended while the buckets of a backward pass without step() still "
+                                f"wait for the other ranks in {what}: the other ranks ran no such pass (a "
+                                f"backward pass on this rank only?)")
             if not reported and self.rank != 0 and self.stalls is not None:
                 self.stalls.tell(what)
                 reported = True
@@ -433,14 +442,17 @@ class Comm:
                 self._warn_stall(what, waited)
                 warned = True
             if waited > self.timeout_s:
-                sys.stderr.write(f"hvd_distef: rank {self.MPI.COMM_WORLD.Get_rank()}: no progress for "
-                                 f"{self.timeout_s:.0f} s in {what}: a peer rank has died or hung, or stopped "
-                                 f"stepping early (uneven batches, hvd.join()). Aborting the job (the bound is "
-                                 f"timeout_s= of DistributedOptimizer or {TIMEOUT_ENV}).\n")
-                sys.stderr.flush()
-                self.MPI.COMM_WORLD.Abort(1)
+                self._abort(f"no progress for {self.timeout_s:.0f} s in {what}: a peer rank has died or hung, or "
+                            f"stopped stepping early (uneven batches, hvd.join()) (the bound is timeout_s= of "
+                            f"DistributedOptimizer or {TIMEOUT_ENV})")
         if reported:
             self.stalls.tell(None)
+
+    def _abort(self, why: str) -> None:
+        """Say why on stderr and abort the job: no allocation burns waiting forever."""
+        sys.stderr.write(f"hvd_distef: rank {self.MPI.COMM_WORLD.Get_rank()}: {why}. Aborting the job.\n")
+        sys.stderr.flush()
+        self.MPI.COMM_WORLD.Abort(1)
 
     def _warn_stall(self, what: str, waited: float) -> None:
         where = f"hvd_distef: rank {self.rank} has waited {waited:.0f} s in {what}"
@@ -598,14 +610,16 @@ class Comm:
         self.complete("MPI Allreduce (step agreement)", self.mpi.Iallreduce(mine, out, op=self.MPI.MAX))
         return out.tolist()
 
-    def gather_obj(self, obj: Any, root: int) -> Optional[List[Any]]:
-        """Every rank's picklable ``obj`` in rank order at ``root``, None elsewhere (not counted)."""
+    def gather_obj(self, obj: Any, root: int, purpose: str = "") -> Optional[List[Any]]:
+        """Every rank's picklable ``obj`` in rank order at ``root``, None elsewhere (not counted); ``purpose``
+        names it in stall warnings."""
         mine = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         sizes = np.zeros(self.size, dtype=np.int64)
-        self.complete("MPI Gather (sizes)", self.mpi.Igather(np.array([mine.size], dtype=np.int64), sizes, root=root))
+        self.complete(f"MPI Gather (sizes){purpose}",
+                      self.mpi.Igather(np.array([mine.size], dtype=np.int64), sizes, root=root))
         everything = np.empty(int(sizes.sum()) if self.rank == root else 0, dtype=np.uint8)
-        self.complete("MPI Gatherv", self.mpi.Igatherv(mine, [everything, sizes.tolist()] if self.rank == root
-                                                       else None, root=root))
+        self.complete(f"MPI Gatherv{purpose}", self.mpi.Igatherv(mine, [everything, sizes.tolist()]
+                                                                 if self.rank == root else None, root=root))
         if self.rank != root:
             return None
         ends = np.cumsum(sizes)

@@ -120,7 +120,14 @@ class Overlap:
         """Run this step's buckets not run during backward and wait for all of them (every rank runs them
         before agreeing on the step). Called twice (by ``hvd_distef.GradScaler`` before its collective inf
         check, then by ``step()``), it runs them once; ``speculated`` says they ran, until ``take``."""
-        if not self.speculated and not self.voided:
+        if self.voided:  # the dropped pass's buckets complete (they pair with the other ranks'), then undone
+            if self.pipeline.running or self.speculated:
+                self.speculated = False
+                if self.pipeline.running:
+                    self.pipeline.drain()
+                self.rollback.restore()
+            return
+        if not self.speculated:
             self.pipeline.drain()
             self.speculated = True
 
@@ -135,17 +142,18 @@ class Overlap:
         return voided
 
     def check_zero_grad(self) -> None:
-        """``zero_grad()`` between a backward pass and its step: the buckets of that pass complete (every
-        rank runs every bucket once per step, so they pair with the other ranks' buckets) and their changes
-        are put back; no bucket runs again until the step, which the ranks then agree on: every rank did
-        this, and the step is exchanged afresh, as with ``overlap=False``; some ranks only, and every rank
-        raises (``agreement.VOIDED``). horovod.torch raises AssertionError on that rank alone, leaving the others
-        waiting."""
+        """``zero_grad()`` between a backward pass and its step drops that pass: no bucket starts again until
+        the step, whose ``drain`` lets the pass's buckets complete (every rank runs every bucket once per
+        step, so they pair with the other ranks' buckets, whenever those run) and puts their changes back.
+        It does not wait for them here: the other ranks may be in another collective first (an evaluation's
+        allreduce); where they have all completed already, their changes are put back here. The ranks then
+        agree on the step: every rank did this, and the step is exchanged afresh,
+        as with ``overlap=False``; some ranks only, and every rank raises (``agreement.VOIDED``).
+        horovod.torch raises AssertionError on that rank alone, leaving the others waiting."""
         if self.pipeline.running or self.speculated:
-            self.drain()
-            self.speculated = False
-            self.rollback.restore()
             self.voided = True
+            if self.speculated or self.pipeline.finished:  # nothing left on the wire: put it back now
+                self.drain()
 
     def speculate(self, k: int) -> None:
         """Bucket k during backward (the pipeline's thread): read its gradients, keep what it will change,

@@ -50,3 +50,13 @@ def test_exit_after_backward_under_overlap_is_clean(topology):
         proc = run_mpi(2, [MPI_DIR / "fault_rank_dies.py", "exit", topology], check=False, timeout=90)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0 and "terminate called" not in out and "signal" not in out, out[-3000:]
+
+
+def test_exit_after_a_backward_on_one_rank_only_ends_the_job():
+    """Rank 0 alone runs a backward (its buckets go out, unpaired), then the script ends: rank 0 says so and
+    aborts the job once the grace after its main thread's end is over, instead of hanging at exit."""
+    proc = run_mpi(2, [MPI_DIR / "fault_rank_dies.py", "exit_one", "ps"], check=False, timeout=90)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and JOB_TIMED_OUT not in out, out[-3000:]
+    assert "hvd_distef: rank 0: the script has ended while the buckets of a backward pass without step()" in out, \
+        out[-3000:]

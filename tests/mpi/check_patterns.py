@@ -120,19 +120,23 @@ def _equal(a, b, what):
 
 def _diagnosed(topology, compression, fault, steps=4):
     """Overlapped training; with ``fault``, rank 0 alone runs a backward pass on a held-out batch before
-    step 2 (a diagnostic gradient norm), then zero_grad(). A step that raises is taken again."""
+    step 2 (a diagnostic gradient norm), then zero_grad(), and every rank then allreduces a metric with
+    Horovod before the step (its bucket exchanges are still unpaired then). A step that raises is taken
+    again."""
     model = make_model()
     opt = wrap(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
                compression=compression, topology=topology, overlap=True, bucket_cap_mb=CAP_MB)
     errors = []
     for t in range(steps):
+        before = [x.clone() for x in _state(model, opt)]
         if fault and t == 2 and RANK == 0:
             loss_of(model, 1000, t).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
             opt.zero_grad()
+        if t == 2:
+            hvd.allreduce(torch.ones(1), name=f"metric.{topology}.{fault}")
         for attempt in range(2):
             opt.zero_grad()
-            before = [x.clone() for x in _state(model, opt)]
             loss_of(model, RANK, t).backward()
             try:
                 opt.step()
@@ -144,9 +148,11 @@ def _diagnosed(topology, compression, fault, steps=4):
 
 
 def backward_on_one_rank_under_overlap_is_an_error_on_every_rank():
-    """Rank 0's extra backward pairs its buckets with the other ranks' real ones: its zero_grad() does not
-    raise there alone; the step raises HvdDistefError on every rank naming rank 0, changes nothing, and
-    the step taken again gives exactly the run without the extra pass (every topology)."""
+    """Rank 0's extra backward pairs its buckets with the other ranks' real ones: its zero_grad() neither
+    raises there alone nor waits for them (an evaluation's allreduce comes first); the step raises
+    HvdDistefError on every rank naming rank 0, changes nothing, and the step taken again gives exactly
+    the run without the extra pass (every topology)."""
+    hvd.init()
     for topology, compression in EVERY_TOPOLOGY:
         clean, none = _diagnosed(topology, compression, fault=False)
         faulty, errors = _diagnosed(topology, compression, fault=True)

@@ -1,7 +1,8 @@
 """Training where one rank dies (SIGKILL), hangs, raises, is slow, or where the script ends after a
-backward without step(): the job must end on every rank, fast, or go on where the rank is only slow.
+backward without step() (on every rank: exit; on rank 0 only: exit_one): the job must end on every
+rank, fast, or go on where the rank is only slow.
 
-    python fault_rank_dies.py kill|hang|raise|slow|exit [TOPOLOGY]
+    python fault_rank_dies.py kill|hang|raise|slow|exit|exit_one [TOPOLOGY]
 """
 import os
 import signal
@@ -18,8 +19,8 @@ hvd.init()
 model = make_model()
 options = {"timeout_s": 5} if mode in ("kill", "hang") else {"timeout_s": 600, "stall_warning_s": 1}
 opt = wrap(model, sgd_two_groups(model), compression="none" if topology == "allreduce" else "blocksign",
-           topology=topology, overlap=mode == "exit", bucket_cap_mb=0.0001, **options)
-steps = 6 if mode in ("slow", "exit") else 1000
+           topology=topology, overlap=mode.startswith("exit"), bucket_cap_mb=0.0001, **options)
+steps = 6 if mode in ("slow", "exit", "exit_one") else 1000
 for t in range(steps):
     if t == 3 and COMM.rank == 1 and mode in ("kill", "hang", "raise"):
         if mode == "kill":
@@ -30,7 +31,7 @@ for t in range(steps):
     if t == 3 and COMM.rank == 2 and mode == "slow":
         time.sleep(4)
     train_step(model, opt, COMM.rank, t)
-if mode == "exit":  # a backward whose buckets go out, then the end of the script without step()
+if mode == "exit" or (mode == "exit_one" and COMM.rank == 0):  # a backward whose buckets go out, then the end
     opt.zero_grad()
     loss_of(model, COMM.rank, steps).backward()
     print("training finished", flush=True)
