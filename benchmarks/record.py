@@ -193,16 +193,12 @@ def netem_nodes(data: dict) -> str:
                          "" if base is None else f"{r['step_time_median_s'] / base['step_time_median_s']:.2f}x",
                          f"{link:,.0f}", "" if flat_link is None else f"{link / flat_link:.2f}x"])
     crowded = [c for c in res["clusters"] if c["oversubscribed"]]
-    note = ("
-
-" + CROWDED.format(ranks=", ".join(sorted({str(c["ranks"]) for c in crowded})),
+    note = ("\n\n" + CROWDED.format(ranks=", ".join(sorted({str(c["ranks"]) for c in crowded})),
                                     cores=data["meta"]["cores"])) if crowded else ""
     return ("Nodes of consecutive ranks (one network namespace each; shared memory inside, the shaped link "
             "between nodes); `hierarchical` with `local_size` = ranks per node. The link's bytes are the node "
             "interface's counters over the timed steps, sent + received, busiest node: TCP/IP headers, MPI's and "
-            "Horovod's control messages and the timing collectives included.
-
-"
+            "Horovod's control messages and the timing collectives included.\n\n"
             + table(["link", "nodes x ranks", "parameters", "contender", "step (median, slowest rank)",
                      "vs horovod", "bytes on the busiest node's link per step", "vs flat sharded"], rows) + note)
 
