@@ -194,7 +194,9 @@ class EmulatedCluster:
         spinning rank would take the core another rank computes on, which on a cluster (cores per
         rank) it cannot. Applies to every topology alike, Horovod's allreduce included.
         """
-        cmd = ["ip", "netns", "exec", self.names[0], "mpirun", "-np", str(self.ranks), "--hostfile",
+        # mpirun runs in the first node's namespace and starts that node's ranks itself: under its host name too
+        cmd = ["ip", "netns", "exec", self.names[0], "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
+               self.names[0], "mpirun", "-np", str(self.ranks), "--hostfile",
                str(self.tmp / "hostfile"), "--rankfile", str(self.tmp / "rankfile"),
                "--mca", "plm_rsh_agent", str(self.tmp / "agent.sh"),
                "--mca", "btl", "tcp,vader,self" if self.ranks_per_node > 1 else "tcp,self",
