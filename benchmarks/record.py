@@ -200,7 +200,11 @@ def netem_nodes(data: dict) -> str:
             "interface's counters over the timed steps, sent + received, busiest node: TCP/IP headers, MPI's and "
             "Horovod's control messages and the timing collectives included.\n\n"
             + table(["link", "nodes x ranks", "parameters", "contender", "step (median, slowest rank)",
-                     "vs horovod", "bytes on the busiest node's link per step", "vs flat sharded"], rows) + note)
+                     "vs horovod", "bytes on the busiest node's link per step", "vs flat sharded"], rows) + note
+            + "\n\n`hierarchical` halves what crosses the nodes' links against flat `sharded`, but its step is the "
+              "slower one here: inside the node every rank sends its raw float32 d (4·d bytes) to the leader in a "
+              "nonblocking MPI_Ireduce that our polling completes slowly on shared cores, and the leader compresses "
+              "the whole vector alone, where `sharded` spreads that work over every rank. Not resolved yet.")
 
 
 def _rate(rate: str) -> float:
