@@ -78,6 +78,7 @@ class Hierarchical(ShardPerRank):
         self.node_compressor = compressor.for_stream(comm.rank)
         if self.leader:
             self.node_memory = ErrorMemory(self.numel, self.device)
+            self.node_sum = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
 
     @property
     def servers(self) -> Optional[Comm]:
@@ -88,7 +89,9 @@ class Hierarchical(ShardPerRank):
 
     def exchange_compressed(self, payloads: List[Payload], segments: Segments) -> List[Payload]:
         """``payloads``: this rank's d_i, raw, one per shard. Δ̃'s payloads, the same bytes on every rank."""
-        d = self._raw_d(payloads)
+        d = self.node_sum if self.leader else self.buffer("d", 4 * self.numel).view(torch.float32)
+        for payload, s in zip(payloads, self.shards):
+            d[s.start:s.stop].copy_(payload["values"])
         self.local.reduce_sum_(d, 0)
         wire = self.landing_all()
         if self.leader:
@@ -97,20 +100,6 @@ class Hierarchical(ShardPerRank):
             wire = self.exchange_shards(node, segments)
         wire = self.local.bcast(wire, 0)
         return self.decode_shards(wire.split(self.nbytes))
-
-    def _raw_d(self, payloads: List[Payload]) -> torch.Tensor:
-        """d_i as one float32 vector: the payloads themselves where they lie side by side (the worker's
-        identity compressor leaves them as views of its gradient buffer, which the step no longer needs:
-        the leader reduces into it), else copied into a kept buffer."""
-        values = [payload["values"] for payload in payloads]
-        first = values[0]
-        if all(v.dtype == torch.float32 and v.is_contiguous() and v.numel() == s.numel
-               and v.data_ptr() == first.data_ptr() + 4 * s.start for v, s in zip(values, self.shards)):
-            return first.as_strided((self.numel,), (1,), first.storage_offset())
-        d = self.buffer("d", 4 * self.numel).view(torch.float32)
-        for v, s in zip(values, self.shards):
-            d[s.start:s.stop].copy_(v)
-        return d
 
     def memories(self) -> List[Tuple[ErrorMemory, int]]:
         return super().memories() + ([] if self.node_memory is None else [(self.node_memory, 0)])
