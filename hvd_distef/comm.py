@@ -485,6 +485,17 @@ class Comm:
         if self._parent is not None:
             self._parent._count(sent, received)
 
+    def count_shared(self, sent: int, received: int) -> None:
+        """Count bytes moved through memory shared with this communicator's ranks, not through MPI: what this
+        rank wrote that the others read (sent), and what it read of theirs (received)."""
+        self._count(sent, received)
+
+    def barrier(self, what: str) -> None:
+        """Every rank of this communicator has arrived (MPI_Ibarrier, polled): what each wrote before it into
+        memory they share is there for the others to read."""
+        if self.size > 1:
+            self.complete(f"MPI Barrier ({what})", self.mpi.Ibarrier())
+
     # --- byte collectives ---------------------------------------------------------------------
     # Each counts the bytes of the buffers it hands to MPI that leave or reach this rank: a rank's
     # own part of a collective never crosses the wire; gather and broadcast count as the flat trees
@@ -571,22 +582,6 @@ class Comm:
         self.complete(f"MPI Sendrecv with ranks {dest}/{source}", self.mpi.Irecv(into, source=source),
                       self.mpi.Isend(self.staging.send(buf), dest=dest))
         self._count(buf.numel(), nbytes)
-        return result()
-
-    def reduce_sum_(self, t: torch.Tensor, root: int) -> torch.Tensor:
-        """MPI's Reduce (sum) of a float32 tensor over this communicator onto ``root``, in place there
-        (elsewhere ``t`` is left as it was); counted as the flat tree it stands for (SPEC §3)."""
-        if self.size == 1:
-            return t
-        if self.rank == root:
-            into, result = self.staging.inplace(t, fill=True)
-            request = self.mpi.Ireduce(self.MPI.IN_PLACE, into, op=self.MPI.SUM, root=root)
-            self._count(0, (self.size - 1) * t.numel() * t.element_size())
-        else:
-            into, result = self.staging.send(t), lambda: t
-            request = self.mpi.Ireduce(into, None, op=self.MPI.SUM, root=root)
-            self._count(t.numel() * t.element_size(), 0)
-        self.complete("MPI Reduce", request)
         return result()
 
     def allreduce_sum_(self, t: torch.Tensor) -> torch.Tensor:

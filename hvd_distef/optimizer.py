@@ -64,6 +64,9 @@ class DistributedOptimizer(torch.optim.SGD):
         timeout_s, stall_warning_s: after ``stall_warning_s`` (60 s) in one of our collectives rank 0 warns,
             naming the ranks missing; after ``timeout_s`` (1800 s) the job is aborted with a message (``comm``).
         local_size: ranks per node for ``topology="hierarchical"`` (default: the ranks that share memory).
+        node_path: how the ranks of a node share its work under ``topology="hierarchical"``: ``"slices"``
+            (the default: local rank l sums, compresses and exchanges slice l) or ``"leaders"`` (local rank 0
+            does it all); ``topologies/hierarchical.py``.
 
     Raises (on every rank, naming each rank's cause): ``TypeError``/``ValueError`` for bad arguments on any
     rank, or ranks that disagree on the model or options. The param groups' hyper-parameters may differ at
@@ -83,12 +86,13 @@ class DistributedOptimizer(torch.optim.SGD):
                  nonfinite: Optional[str] = None, overlap: bool = False,
                  bucket_cap_mb: float = buckets.DEFAULT_BUCKET_CAP_MB, error_decay: Optional[float] = None,
                  comm=None, timeout_s: Optional[float] = None, stall_warning_s: Optional[float] = None,
-                 local_size: Optional[int] = None):
+                 local_size: Optional[int] = None, node_path: Optional[str] = None):
         failure = topology_cls = rule_cls = None
         try:  # everything that can fail on one rank alone
             topology_cls, rule_cls = options.configure(
                 self, optimizer, named_parameters, compression, topology, backward_passes_per_step, nonfinite, overlap,
-                bucket_cap_mb, error_decay, op, gradient_predivide_factor, num_groups, groups, local_size)
+                bucket_cap_mb, error_decay, op, gradient_predivide_factor, num_groups, groups, local_size,
+                node_path)
         except (TypeError, ValueError) as exc:  # told to every rank below, instead of a hang
             failure = exc
         self.comm = Comm(comm, timeout_s, process_set, stall_warning_s)

@@ -16,6 +16,7 @@ from .fused import FusedLayout
 from .passes import BackwardPasses, check_passes
 from .rules import REGISTRY as RULES
 from .topologies import get_topology
+from .topologies.hierarchical import NODE_PATHS
 
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
 HYPERPARAMETERS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
@@ -23,7 +24,7 @@ HYPERPARAMETERS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "m
 
 def configure(opt, optimizer, named_parameters, compression, topology: str, backward_passes_per_step, nonfinite,
               overlap, bucket_cap_mb, error_decay_beta, op, gradient_predivide_factor, num_groups, groups,
-              local_size=None):
+              local_size=None, node_path=None):
     """``opt``'s options from ``DistributedOptimizer``'s arguments (its docstring), on this rank alone:
     ``opt`` becomes a ``torch.optim.SGD`` over ``optimizer``'s own param group dicts, with its compressor,
     fused layout, backward-pass counter and resolved options. Returns the topology and update-rule classes.
@@ -57,13 +58,18 @@ def configure(opt, optimizer, named_parameters, compression, topology: str, back
     horovod_args.check_groups(num_groups, groups)
     if local_size is not None and "local_size" not in topology_cls.options:
         raise ValueError(f"local_size= (ranks per node) is for topology='hierarchical', not {topology!r}")
-    opt.local_size = local_size
+    if node_path is not None and node_path not in NODE_PATHS:
+        raise ValueError(f"node_path must be one of {NODE_PATHS}, got {node_path!r}")
+    if node_path is not None and "node_path" not in topology_cls.options:
+        raise ValueError(f"node_path= (how a node's ranks share the work) is for topology='hierarchical', not "
+                         f"{topology!r}")
+    opt.local_size, opt.node_path = local_size, node_path
     return topology_cls, rule_cls
 
 
 def topology_options(opt, topology_cls) -> dict:
     """The optimizer's options that the topology takes (``Topology.options``), by keyword."""
-    every = {"op": opt._op, "predivide": opt._predivide, "local_size": opt.local_size}
+    every = {"op": opt._op, "predivide": opt._predivide, "local_size": opt.local_size, "node_path": opt.node_path}
     return {name: every[name] for name in topology_cls.options}
 
 
@@ -132,7 +138,7 @@ def config(opt) -> dict:
         "compression": opt.compressor.name, "compression_options": opt.compressor.config(),
         "topology": opt._topology_name, "backward_passes_per_step": opt.backward_passes_per_step,
         "overlap": opt.overlap, "bucket_cap_mb": opt.bucket_cap_mb, "error_decay": opt.error_decay,
-        "local_size": opt.local_size,
+        "local_size": opt.local_size, "node_path": opt.node_path,
         "parameters": hashlib.sha1(json.dumps(shapes).encode()).hexdigest(),
         "numel": opt.numel, "num_params": len(layout.params),
         "group_sizes": [len(ps) for ps in layout.group_params],

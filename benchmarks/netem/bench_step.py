@@ -4,9 +4,10 @@ contender to --out (rank 0).
 
 Contenders: stock Horovod (``horovod``: ``hvd.DistributedOptimizer`` at its defaults; ``horovod-fp16``:
 with ``hvd.Compression.fp16``), and each topology of hvd_distef (blocksign; ``allreduce`` sends float32,
-``majority_vote`` signs). Every contender runs in the same job, one after another, with the same launcher
-and environment. Stock Horovod's allreduce of gradients set by hand runs in its ``synchronize()``, as
-for a parameter whose hook never fired."""
+``majority_vote`` signs; ``hierarchical`` and ``hierarchical-leaders``: its two data paths inside a node).
+Every contender runs in the same job, one after another, with the same launcher and environment. Stock
+Horovod's allreduce of gradients set by hand runs in its ``synchronize()``, as for a parameter whose hook
+never fired."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,8 @@ from hvd_distef.topologies.base import RING_FORMULA  # noqa: E402
 COMPRESSION = {"allreduce": "none", "majority_vote": "sign"}
 #: stock Horovod's contenders: name -> hvd.Compression attribute
 HOROVOD = {"horovod": "none", "horovod-fp16": "fp16"}
+#: ``hierarchical``'s contenders: name -> its node_path
+HIERARCHICAL = {"hierarchical": "slices", "hierarchical-leaders": "leaders"}
 
 
 def link_bytes() -> tuple:
@@ -48,8 +51,10 @@ def build(name: str, params, sgd: torch.optim.SGD, local_size=None):
                                          compression=getattr(hvd.Compression, HOROVOD[name])),
                 HOROVOD[name], RING_FORMULA)
     compression = COMPRESSION.get(name, "blocksign")
-    extra = {"local_size": local_size} if name == "hierarchical" else {}
-    opt = hvd_distef.DistributedOptimizer(sgd, compression=compression, topology=name, **extra)
+    topology, extra = name, {}
+    if name in HIERARCHICAL:
+        topology, extra = "hierarchical", {"local_size": local_size, "node_path": HIERARCHICAL[name]}
+    opt = hvd_distef.DistributedOptimizer(sgd, compression=compression, topology=topology, **extra)
     return opt, compression, None
 
 

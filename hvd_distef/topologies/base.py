@@ -219,39 +219,49 @@ class Topology:
 
 
 class ShardPerRank(Topology):
-    """The server role split over the ranks of ``servers`` (every rank: ``sharded`` and ``ring``; the nodes'
-    leaders: ``hierarchical``): one shard of whole blocks each, rank j of them holding the server error of
-    shard j."""
+    """The server role split over the ranks of ``servers`` (every rank: ``sharded`` and ``ring``; the ranks of
+    one slice across nodes: ``hierarchical``): one shard of whole blocks each, rank j of them holding the
+    server error of shard ``first_shard`` + j."""
 
     def __init__(self, comm, compressor, tensor_sizes, device="cpu", delta=None):
         super().__init__(comm, compressor, tensor_sizes, device, delta)
-        servers = self.servers
-        if servers is not None:
-            self.server_memory = ErrorMemory(self.shards[servers.rank].numel, self.device)
-            self.server_start = self.shards[servers.rank].start
+        if self.servers is not None:
+            mine = self.shards[self.first_shard + self.servers.rank]
+            self.server_memory = ErrorMemory(mine.numel, self.device)
+            self.server_start = mine.start
 
     @property
     def servers(self) -> Optional[Comm]:
-        """The ranks among which the server role is split (None on a rank that holds none of it)."""
+        """The ranks among which the server role of ``servers.size`` consecutive shards is split (None on a
+        rank that holds none of it)."""
         return self.comm
+
+    @property
+    def first_shard(self) -> int:
+        """The first of the shards that ``servers`` exchange."""
+        return 0
 
     def make_shards(self, tensor_sizes):
         return self.split_shards(tensor_sizes, self.comm.size)
 
-    def exchange_shards(self, payloads: List[Payload], segments: Segments) -> torch.Tensor:
-        """The sharded exchange among ``servers``: each sends shard j of its payloads to rank j (Alltoallv),
-        rank j averages the payloads of shard j and runs the server step on it with its own server error,
-        and an Allgatherv hands every one of them all compressed Δ̃ shards: their wire bytes, in order."""
-        comm, sizes = self.servers, self.nbytes
-        me = comm.rank
+    def exchange_shards(self, payloads: List[Payload], segments: Segments,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The sharded exchange among ``servers`` of their shards (``payloads``: one per shard, from
+        ``first_shard`` on): each sends shard j to rank j (Alltoallv), rank j averages the payloads of its
+        shard and runs the server step on it with its own server error, and an Allgatherv hands every one
+        of them all those compressed Δ̃ shards: their wire bytes, in order, in ``out`` where given (else in
+        ``landing_all``; a world of one returns its own bytes)."""
+        comm, first = self.servers, self.first_shard
+        sizes = self.nbytes[first:first + comm.size]
+        me = first + comm.rank
         parts = [p.to_bytes() for p in payloads]
         send = parts[0] if len(parts) == 1 else torch.cat(parts, out=self.buffer("send", sum(sizes)))
-        mine = comm.alltoallv(send, sizes, [sizes[me]] * comm.size,  # shard `me` from every worker
-                              out=self.buffer("shard", comm.size * sizes[me]) if comm.size > 1 else None)
+        mine = comm.alltoallv(send, sizes, [self.nbytes[me]] * comm.size,  # shard `me` from every worker
+                              out=self.buffer("shard", comm.size * self.nbytes[me]) if comm.size > 1 else None)
         server = self.server_reduce(self.decode_many(mine, me, comm.size), segments, me)  # server step, shard `me`
         # Δ̃'s shards land where they are decompressed (``landing_all``); where shard `me` of a raw
         # payload is already there (the server step's scratch), it is not copied
-        return comm.allgatherv(server.to_bytes(), sizes, out=self.landing_all())
+        return comm.allgatherv(server.to_bytes(), sizes, out=self.landing_all() if out is None else out)
 
     def landing_all(self) -> torch.Tensor:
         """One buffer for every shard's Δ̃ bytes in order: ``self.delta`` itself where each shard is a

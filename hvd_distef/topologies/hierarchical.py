@@ -2,28 +2,34 @@
 the worker of Algorithm 2, as BytePS and Horovod's hierarchical allreduce treat it across the network.
 
 Each rank keeps its own momentum m_i and sends its d_i raw (the update rule's worker compresses nothing,
-``compresses_on_worker``). Inside node n of L ranks the d_i are summed on the node's leader (its local
-rank 0: MPI_Reduce), whose mean d_n = (1/L)·Σ_i d_i is the node worker's d: p_n = d_n + (η_{t-1}/η_t)·e_n;
-Δ_n = C(p_n); e_n <- p_n − Δ_n, with the node's worker error e_n held on the leader. The leaders then run
-``sharded`` among themselves (N nodes: leader j holds the server error of shard j; Alltoallv of the
-Δ_n, the server step, Allgatherv of Δ̃), and each leader broadcasts Δ̃'s compressed bytes inside its node.
-Every rank decompresses the same bytes: bit-identical updates everywhere.
+``compresses_on_worker``). A node of L ranks is one worker: its d_n = (1/L)·Σ_i d_i (summed in local rank
+order), p_n = d_n + (η_{t-1}/η_t)·e_n, Δ_n = C(p_n), e_n <- p_n − Δ_n, and the server step runs across the
+N nodes as in ``sharded``. Every rank decompresses the same Δ̃ bytes: bit-identical updates everywhere.
 
-Data path: node leaders only. Inside a node the reduce and broadcast move d and Δ̃ over shared memory
-(one or two orders of magnitude faster than the network); across nodes each node sends one payload of the
-whole vector, so what the network carries scales with nodes, not ranks, and no node talks to more than
-N − 1 peers. Every local rank owning a slice across nodes (Horovod's hierarchical allreduce) sends the same
-bytes per node across the network but spreads the node's compression and server step over its L ranks;
-it is not built, so the two are not yet measured against each other (BENCHMARKS.md has the leaders' path
-on emulated nodes).
+Data path (``node_path``):
 
-Bytes per step (s_j = payload bytes of shard j over N nodes, B = 4·numel): a non-leader sends B and
-receives Σ_j s_j; a leader receives (L−1)·B and sends (L−1)·Σ_j s_j inside the node, and across nodes
-sends and receives ``sharded``'s (N−1)·s_me + Σ_{j≠me} s_j each way.
+- ``"slices"`` (the default; Horovod's hierarchical allreduce): the vector is cut into L slices, and local
+  rank l owns slice l of its node. Each rank writes its d_i into memory its node shares
+  (``shared_memory.NodeBuffer``); after a node barrier, rank l sums slice l of the L vectors, runs the node's
+  worker error feedback on it (its slice of e_n), and ``sharded`` runs among the N ranks that own slice l
+  (one per node: slice l is cut into N shards, one server error each); their Allgatherv lands Δ̃'s slice
+  in the node's shared memory, and after a second barrier every rank reads all of Δ̃. A node's compression,
+  server steps and cross-node traffic are spread over its L ranks: L streams, each 1/L of the node's bytes.
+- ``"leaders"``: one slice, owned by each node's local rank 0, which sums, compresses and exchanges the
+  whole vector among the leaders while the other ranks wait.
+
+Both send across the network one payload of the whole vector per node, not one per rank, and no rank
+talks to more than N − 1 peers: what the network carries scales with nodes. BENCHMARKS.md ("Nodes") has
+the two measured against each other and against the flat topologies.
+
+Bytes per step: across nodes, each slice's ``sharded`` bytes over N ranks (s_j = payload bytes of shard
+j). Inside the node, through shared memory, counted as the bytes they stand for: rank r sends the slices
+of its d_i that other ranks sum (4 bytes an element) and the Δ̃ wire bytes of the slices it owns to each
+of the L − 1 others, and receives the converse.
 
 ``local_size`` (ranks per node): by default the ranks that share memory (MPI's shared-memory split),
-equal on every node; settable (nodes of consecutive ranks) so that tests and the emulated cluster can
-make nodes on one machine.
+equal on every node; settable (nodes of consecutive ranks on one host) so that tests and the emulated
+cluster can make nodes on one machine. The node's shared memory holds L·4·d bytes (plus Δ̃'s wire).
 """
 from __future__ import annotations
 
@@ -33,9 +39,12 @@ import torch
 
 from ..comm import Comm
 from ..compressors import Compressor
-from ..error_feedback import ErrorMemory, Segments
+from ..error_feedback import ErrorMemory, Segments, Shard, window
 from ..payload import Payload
+from ..shared_memory import NodeBuffer
 from .base import ShardPerRank
+
+NODE_PATHS = ("slices", "leaders")
 
 
 def node_of(comm: Comm, local_size: Optional[int]) -> Tuple[int, int]:
@@ -63,52 +72,98 @@ def node_of(comm: Comm, local_size: Optional[int]) -> Tuple[int, int]:
 
 class Hierarchical(ShardPerRank):
     name = "hierarchical"
-    options = ("local_size",)
+    options = ("local_size", "node_path")
     compresses_on_worker = False
 
     def __init__(self, comm: Comm, compressor: Compressor, tensor_sizes, device="cpu", delta=None,
-                 local_size: Optional[int] = None):
+                 local_size: Optional[int] = None, node_path: Optional[str] = None):
+        node_path = NODE_PATHS[0] if node_path is None else node_path
+        if node_path not in NODE_PATHS:
+            raise ValueError(f"node_path must be one of {NODE_PATHS}, got {node_path!r}")
         node, self.local_size = node_of(comm, local_size)
         self.nodes = comm.size // self.local_size
-        self.local = comm.split(node, comm.rank)          # the ranks of this node; its rank 0 leads it
-        self.leader = self.local.rank == 0
-        self.across = comm.split(0 if self.leader else comm.MPI.UNDEFINED, comm.rank)  # the leaders
+        self.slices = self.local_size if node_path == "slices" else 1
+        self.local = comm.split(node, comm.rank)  # the ranks of this node, by local rank
+        #: the slice this rank owns, or None
+        self.slice = self.local.rank if self.local.rank < self.slices else None
+        # the owners of one slice, one a node, ranked by node
+        self.across = comm.split(comm.MPI.UNDEFINED if self.slice is None else self.slice, comm.rank)
         super().__init__(comm, compressor, tensor_sizes, device, delta)
-        self.node_memory: Optional[ErrorMemory] = None  # e_n, on the leader
+        L, B = self.local_size, 4 * self.numel
+        self.shared = NodeBuffer(self.local, comm, L * B + sum(self.nbytes), "topology='hierarchical'")
+        self.d_slots = self.shared.data[:L * B].view(torch.float32).view(L, self.numel)  # d_i of local rank i
+        self.wire = self.shared.data[L * B:L * B + sum(self.nbytes)]  # Δ̃'s wire bytes, every shard in order
+        #: where each slice lies in the fused buffer
+        self.bounds = [(self.shards[l * self.nodes].start, self.shards[(l + 1) * self.nodes - 1].stop)
+                       for l in range(self.slices)]
+        self.node_memory: Optional[ErrorMemory] = None  # this rank's slice of e_n
         self.node_compressor = compressor.for_stream(comm.rank)
-        if self.leader:
-            self.node_memory = ErrorMemory(self.numel, self.device)
-            self.node_sum = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        if self.slice is not None:
+            start, stop = self.bounds[self.slice]
+            self.node_memory = ErrorMemory(stop - start, self.device)
+            self.node_d = torch.empty(stop - start, dtype=torch.float32, device=self.device)
 
     @property
     def servers(self) -> Optional[Comm]:
         return self.across
 
+    @property
+    def first_shard(self) -> int:
+        return 0 if self.slice is None else self.slice * self.nodes
+
     def make_shards(self, tensor_sizes):
-        return self.split_shards(tensor_sizes, self.nodes)
+        return self.split_shards(tensor_sizes, self.nodes * self.slices)
+
+    def wire_bounds(self, l: int) -> Tuple[int, int]:
+        """Where slice ``l``'s Δ̃ wire bytes lie in ``wire``."""
+        first = l * self.nodes
+        return sum(self.nbytes[:first]), sum(self.nbytes[:first + self.nodes])
 
     def exchange_compressed(self, payloads: List[Payload], segments: Segments) -> List[Payload]:
         """``payloads``: this rank's d_i, raw, one per shard. Δ̃'s payloads, the same bytes on every rank."""
-        d = self.node_sum if self.leader else self.buffer("d", 4 * self.numel).view(torch.float32)
+        mine = self.d_slots[self.local.rank]
         for payload, s in zip(payloads, self.shards):
-            d[s.start:s.stop].copy_(payload["values"])
-        self.local.reduce_sum_(d, 0)
-        wire = self.landing_all()
-        if self.leader:
-            d.div_(self.local_size)  # d_n, the node worker's d; then its error feedback and compression
-            node = self.node_memory.step(self.node_compressor, d, segments, self.shards, d_is_scratch=True)
-            wire = self.exchange_shards(node, segments)
-        wire = self.local.bcast(wire, 0)
-        return self.decode_shards(wire.split(self.nbytes))
+            mine[s.start:s.stop].copy_(payload["values"])
+        self.local.barrier("hierarchical: the node's d_i written")
+        if self.slice is not None:
+            start, stop = self.bounds[self.slice]
+            d = self.node_d
+            d.copy_(self.d_slots[0, start:stop])
+            for i in range(1, self.local_size):
+                d.add_(self.d_slots[i, start:stop].to(self.device))
+            d.div_(self.local_size)  # d_n on this slice; then the node's worker error feedback and compression
+            first = self.first_shard
+            shards = [Shard(s.start - start, s.stop - start, s.block_sizes) for s in self.shards[first:first + self.nodes]]
+            node = self.node_memory.step(self.node_compressor, d, window(segments, start, stop), shards,
+                                         d_is_scratch=True)
+            at, end = self.wire_bounds(self.slice)
+            landed = self.exchange_shards(node, segments, out=self.wire[at:end])
+            if landed.data_ptr() != self.wire[at:].data_ptr():  # one node: its own bytes
+                self.wire[at:end].copy_(landed)
+        self.local.barrier("hierarchical: Δ̃ written")
+        self.count_node_bytes()
+        return self.decode_shards(self.wire.split(self.nbytes))
+
+    def count_node_bytes(self) -> None:
+        """What this step moved through the node's shared memory (module docstring)."""
+        L = self.local_size
+        d_bytes = [4 * (stop - start) for start, stop in self.bounds]
+        wire = [end - at for at, end in map(self.wire_bounds, range(self.slices))]
+        owned = [l == self.slice for l in range(self.slices)]
+        self.local.count_shared(
+            sent=sum(b for b, o in zip(d_bytes, owned) if not o) + (L - 1) * sum(w for w, o in zip(wire, owned) if o),
+            received=(L - 1) * sum(b for b, o in zip(d_bytes, owned) if o) + sum(w for w, o in zip(wire, owned) if not o))
 
     def memories(self) -> List[Tuple[ErrorMemory, int]]:
-        return super().memories() + ([] if self.node_memory is None else [(self.node_memory, 0)])
+        mine = [] if self.node_memory is None else [(self.node_memory, self.bounds[self.slice][0])]
+        return super().memories() + mine
 
     def streams(self) -> List[Compressor]:
         return [self.compressor, self.node_compressor]
 
     def state_dict(self) -> dict:
-        """The server error and the node's worker error and compressor stream where this rank holds them."""
+        """The server error, and this rank's slice of its node's worker error and compressor stream, where
+        it holds them."""
         state = super().state_dict()
         if self.node_memory is not None:
             state.update(node_error=self.node_memory.state_dict(), node_compressor=self.node_compressor.state_dict())
@@ -119,7 +174,7 @@ class Hierarchical(ShardPerRank):
         if (self.node_memory is None) != (state.get("node_error") is None):
             raise ValueError(f"rank {self.comm.rank} {'holds' if self.node_memory else 'does not hold'} a node's "
                              f"worker error under 'hierarchical' with local_size={self.local_size}, the checkpoint "
-                             f"does not fit: it comes from another topology, rank or node size")
+                             f"does not fit: it comes from another topology, rank, node size or node_path")
         if self.node_memory is not None:
             self.node_memory.check_state(state["node_error"])
 

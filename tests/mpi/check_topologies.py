@@ -105,6 +105,9 @@ def ring_none_equals_ps():
     return _lockstep({"ps": _uncompressed("ps"), "ring": _uncompressed("ring")})
 
 
+NODE_PATHS = ("slices", "leaders")
+
+
 def hierarchical_none_equals_ps():
     """`hierarchical` with Compression.none, nodes of 2 ranks where they divide M (else one rank a node):
     the mean of the nodes' means is ps's mean, to float rounding."""
@@ -114,19 +117,21 @@ def hierarchical_none_equals_ps():
 
 
 def hierarchical_every_compressor():
-    """Every compressor under `hierarchical` (nodes of 2 ranks where they divide M): three steps, the
-    ranks bit-identical, the parameters finite and moved."""
+    """Every compressor under `hierarchical` (nodes of 2 ranks where they divide M), both data paths inside a
+    node: three steps, the ranks bit-identical, the parameters finite and moved."""
     from hvd_distef.compressors import REGISTRY as COMPRESSORS
     local = 2 if M % 2 == 0 else 1
     for name in sorted(COMPRESSORS):
-        model = make_model()
-        before = flat(model.parameters()).clone()
-        opt = wrap(model, sgd_two_groups(model, lr=0.01), compression=name, topology="hierarchical", local_size=local)
-        for t in range(3):
-            train_step(model, opt, RANK, t)
-        after = flat(model.parameters())
-        assert_identical_across_ranks(model.parameters(), name)
-        assert torch.isfinite(after).all() and not torch.equal(before, after), name
+        for path in NODE_PATHS:
+            model = make_model()
+            before = flat(model.parameters()).clone()
+            opt = wrap(model, sgd_two_groups(model, lr=0.01), compression=name, topology="hierarchical",
+                       local_size=local, node_path=path)
+            for t in range(3):
+                train_step(model, opt, RANK, t)
+            after = flat(model.parameters())
+            assert_identical_across_ranks(model.parameters(), f"{name} {path}")
+            assert torch.isfinite(after).all() and not torch.equal(before, after), f"{name} {path}"
     return ", ".join(sorted(COMPRESSORS))
 
 
@@ -310,23 +315,27 @@ def _local_sizes():
 
 
 def hierarchical_matches_node_worker_simulation():
-    """Algorithm 2 with one worker per node (tests/mpi/reference.py, written apart), every node size: the
-    node's mean of its ranks' d, its worker error and compression, the server step over nodes."""
+    """Algorithm 2 with one worker per node (tests/mpi/reference.py, written apart), every node size, both
+    data paths inside a node: the node's mean of its ranks' d, its worker error and compression, the server
+    step over nodes."""
     out = []
     for local in _local_sizes():
-        model = make_model()
-        opt = wrap(model, sgd_two_groups(model), compression="blocksign", topology="hierarchical", local_size=local)
-        ref = reference.ReferenceNodeEF(list(model.parameters()), hypers_of(opt), M, local, reference.blocksign_per_tensor)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, MILESTONES, gamma=0.1)
-        worst = 0.0
-        for t in range(15):
-            ref.step([grads_at(ref.x, i, t) for i in range(M)], {gi: g["lr"] for gi, g in enumerate(opt.param_groups)})
-            train_step(model, opt, RANK, t)
-            sched.step()
-            assert_identical_across_ranks(model.parameters(), f"local_size={local} step {t}")
-            worst = max(worst, (flat(model.parameters()) - flat(ref.x)).abs().max().item())
-            assert worst <= 2e-6, f"local_size={local} step {t}: off by {worst:.3g}"
-        out.append(f"local_size={local}: max |x - x_ref| = {worst:.3g}")
+        for path in NODE_PATHS:
+            model = make_model()
+            opt = wrap(model, sgd_two_groups(model), compression="blocksign", topology="hierarchical",
+                       local_size=local, node_path=path)
+            ref = reference.ReferenceNodeEF(list(model.parameters()), hypers_of(opt), M, local,
+                                            reference.blocksign_per_tensor)
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, MILESTONES, gamma=0.1)
+            worst = 0.0
+            for t in range(15):
+                ref.step([grads_at(ref.x, i, t) for i in range(M)], {gi: g["lr"] for gi, g in enumerate(opt.param_groups)})
+                train_step(model, opt, RANK, t)
+                sched.step()
+                assert_identical_across_ranks(model.parameters(), f"local_size={local} {path} step {t}")
+                worst = max(worst, (flat(model.parameters()) - flat(ref.x)).abs().max().item())
+                assert worst <= 2e-6, f"local_size={local} {path} step {t}: off by {worst:.3g}"
+            out.append(f"local_size={local} {path}: max |x - x_ref| = {worst:.3g}")
     return "; ".join(out)
 
 
@@ -344,20 +353,29 @@ def hierarchical_one_rank_a_node_equals_sharded():
 
 
 def comm_stats_hierarchical():
-    """Inside a node: the d_i (4·numel bytes) reduced onto the leader, Δ̃'s payloads broadcast from it;
-    across nodes, sharded's bytes over N nodes: one payload of the whole vector per node each way."""
+    """Local rank l of each node owns slice l (``slices``; ``leaders``: local rank 0 owns the one slice), and
+    slice k is cut into N shards, one a node. Across nodes: sharded's bytes over the N owners of a slice.
+    Inside the node, through shared memory: a rank's d_i (4 bytes an element) is read by the owner of each
+    slice, and each owner's Δ̃ bytes by the L − 1 other ranks."""
     out = []
     for local in _local_sizes():
-        opt, stats, T = _stats_after("hierarchical", "blocksign", local_size=local)
-        topology, nodes = opt.buckets[0].topology, M // local
-        s, raw = [math.ceil(sh.numel / 8) + 4 * len(sh.block_sizes) for sh in topology.shards], 4 * opt.numel
-        if RANK % local:
-            out.append(_check(stats, T, raw, sum(s)))
-            continue
-        me = RANK // local
-        across_sent = sum(s) - s[me] + (nodes - 1) * s[me]
-        across_received = (nodes - 1) * s[me] + sum(s) - s[me]
-        out.append(_check(stats, T, across_sent + (local - 1) * sum(s), across_received + (local - 1) * raw))
+        for path in NODE_PATHS:
+            opt, stats, T = _stats_after("hierarchical", "blocksign", local_size=local, node_path=path)
+            shards, nodes = opt.buckets[0].topology.shards, M // local
+            slices = local if path == "slices" else 1
+            s = [math.ceil(sh.numel / 8) + 4 * len(sh.block_sizes) for sh in shards]
+            assert len(shards) == nodes * slices
+            d_bytes = [4 * sum(sh.numel for sh in shards[k * nodes:(k + 1) * nodes]) for k in range(slices)]
+            wire = [sum(s[k * nodes:(k + 1) * nodes]) for k in range(slices)]
+            mine, node = RANK % local, RANK // local
+            if mine >= slices:  # owns no slice: sends its d_i, receives Δ̃
+                out.append(_check(stats, T, sum(d_bytes), sum(wire)))
+                continue
+            own = s[mine * nodes + node]
+            across = sum(s[mine * nodes:(mine + 1) * nodes]) - own + (nodes - 1) * own
+            inside_sent = sum(d_bytes) - d_bytes[mine] + (local - 1) * wire[mine]
+            inside_received = (local - 1) * d_bytes[mine] + sum(wire) - wire[mine]
+            out.append(_check(stats, T, across + inside_sent, across + inside_received))
     return "; ".join(out)
 
 
