@@ -201,10 +201,37 @@ def netem_nodes(data: dict) -> str:
             "Horovod's control messages and the timing collectives included.\n\n"
             + table(["link", "nodes x ranks", "parameters", "contender", "step (median, slowest rank)",
                      "vs horovod", "bytes on the busiest node's link per step", "vs flat sharded"], rows) + note
-            + "\n\n`hierarchical` halves what crosses the nodes' links against flat `sharded`, but its step is the "
-              "slower one here: inside the node every rank sends its raw float32 d (4·d bytes) to the leader in a "
-              "nonblocking MPI_Ireduce that our polling completes slowly on shared cores, and the leader compresses "
-              "the whole vector alone, where `sharded` spreads that work over every rank. Not resolved yet.")
+            + "\n\n" + _nodes_verdict(res["records"]))
+
+
+def _nodes_verdict(records: List[dict]) -> str:
+    """What the nodes table says of ``hierarchical``, from its figures: its link bytes and step against flat
+    ``sharded`` and the best flat topology, and its two data paths against each other."""
+    lines = []
+    for (rate, ranks, params) in sorted({(r["rate"], r["ranks"], r["params"]) for r in records},
+                                        key=lambda k: (-_rate(k[0]), k[1], k[2])):
+        at = {r["topology"]: r for r in records if (r["rate"], r["ranks"], r["params"]) == (rate, ranks, params)}
+        mine = at.get("hierarchical")
+        flat = [r for t, r in at.items() if t in ("ps", "sharded")]
+        if mine is None or not flat:
+            continue
+        best = min(flat, key=lambda r: r["step_time_median_s"])
+        link = max(s + rc for s, rc in mine["node_link_bytes_per_step"])
+        where = f"{ranks // mine['ranks_per_node']} x {mine['ranks_per_node']}, {params / 1e6:g}M"
+        text = (f"{where}: its step {mine['step_time_median_s'] / best['step_time_median_s']:.2f}x the best flat "
+                f"topology's (`{best['topology']}`)")
+        if "sharded" in at and link:
+            text += (f", {link / max(s + rc for s, rc in at['sharded']['node_link_bytes_per_step']):.2f}x flat "
+                     f"`sharded`'s bytes on the node's link")
+        if "hierarchical-leaders" in at:
+            text += (f"; the leaders' path {at['hierarchical-leaders']['step_time_median_s'] / mine['step_time_median_s']:.2f}x "
+                     f"the slices' step")
+        lines.append(f"- {text}.")
+    if not lines:
+        return ""
+    return ("`hierarchical` (`node_path=\"slices\"`, the default) against the flat topologies, and its data paths "
+            "inside a node (`hierarchical-leaders`: local rank 0 sums, compresses and exchanges the whole vector):\n\n"
+            + "\n".join(lines))
 
 
 def _rate(rate: str) -> float:
@@ -328,6 +355,26 @@ def overlap(data: dict) -> str:
             + table(["where", "ranks", "overlapped / plain step (median)", "per round", "more ranks than cores"], rows))
 
 
+def plan_validation(data: dict) -> str:
+    """The step-time model's predictions beside the emulated cluster's measured medians."""
+    res = data["results"]
+    rows = [[r["file"], r["contender"], r["ranks"], r["ranks_per_node"], f"{r['params'] / 1e6:g}M", r["rate"],
+             ms(r["measured_s"]), ms(r["predicted_s"]), f"{r['error_pct']:+.0f}%",
+             r["excluded"] or r["role"]] for r in res["rows"]]
+    s = res["summary"]
+    loop = res.get("loopback_pingpong", {})
+    return (f"The device profile is measured here per parameter count; the link's rate is netem's; two constants of "
+            f"this machine's network path are fitted on the {res['fit_on_params'] / 1e6:g}M-parameter rows only "
+            f"(alpha {1e6 * res['alpha_s']:.0f} us per message, network stack {res['transport_gbs']:.2f} GB/s per "
+            f"core; loopback ping-pong here: alpha {loop.get('alpha_us', float('nan')):.0f} us, "
+            f"{loop.get('bandwidth_gbs', float('nan')):.2f} GB/s); every other row is held out. Within "
+            f"{100 * res['target']:.0f}%: {s['within_target']} of {s['configurations']} rows, "
+            f"{s['held_out_within_target']} of {s['held_out']} held out.\n\n"
+            + table(["file", "contender", "ranks", "ranks/node", "parameters", "link", "measured", "predicted",
+                     "error", "role"], rows)
+            + "\n\n![plan_validation.png](benchmarks/results/plan_validation.png)")
+
+
 #: (title, question, results file, the command that makes it, renderer)
 SECTIONS = [
     ("Fused worker kernel against a memory copy",
@@ -374,6 +421,11 @@ SECTIONS = [
      "synthetic", f"{PY} benchmarks/netem/synthetic.py", synthetic),
     ("Overlap", "Does exchanging buckets during backward (`overlap=True`) shorten the step?",
      "synthetic", f"{PY} benchmarks/netem/synthetic.py", overlap),
+    ("The step-time model against the emulated cluster",
+     "Does `python -m hvd_distef.plan`'s model, calibrated on this machine, predict the measured median step of "
+     "every contender on the emulated cluster within 25%?",
+     "plan_validation", f"{PY} benchmarks/plan_validation.py --hierarchical-current",
+     plan_validation),
 ]
 def section(title: str, question: str, name: str, command: str, render: Callable[[dict], str]) -> str:
     data = read_results(name)

@@ -63,8 +63,10 @@ def test_nodes_of_two_ranks(tmp_path):
     node's link carries less than flat `sharded`'s, which sends from every rank."""
     out = tmp_path / "records.jsonl"
     with cluster.EmulatedCluster(4, rate="200mbit", ranks_per_node=2) as c:
-        where = c.mpirun([sys.executable, "-c", "import socket, horovod.torch as hvd; hvd.init(); "
-                          "print(hvd.rank(), socket.gethostname(), hvd.local_rank(), hvd.local_size())"], timeout=120)
+        # each rank's line in one write: mpirun forwards the ranks' output as it comes, pieces interleaved
+        where = c.mpirun([sys.executable, "-c", "import os, socket, horovod.torch as hvd; hvd.init(); os.write(1, "
+                          "f'{hvd.rank()} {socket.gethostname()} {hvd.local_rank()} {hvd.local_size()}\\n'.encode())"],
+                         timeout=120)
         assert where.returncode == 0, where.stderr[-3000:]
         assert sorted(where.stdout.split("\n")[:-1]) == [f"{r} {c.names[r // 2]} {r % 2} 2" for r in range(4)]
         proc = c.mpirun([sys.executable, str(ROOT / "benchmarks" / "netem" / "bench_step.py"), "--params", "2e5",

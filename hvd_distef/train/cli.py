@@ -54,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", choices=sorted(TOPOLOGIES), help="override the method's topology")
     p.add_argument("--local-size", type=positive_int,
                    help="--topology hierarchical: ranks per node (default: the ranks that share memory)")
+    p.add_argument("--node-path", choices=("slices", "leaders"),
+                   help="--topology hierarchical: how a node's ranks share its work (default: slices)")
     p.add_argument("--block-size", type=positive_int, help="blocksign: split tensors into blocks of at most N")
     p.add_argument("--overlap", action="store_true",
                    help="exchange gradient buckets during backward (DistributedOptimizer(overlap=True))")
@@ -95,8 +97,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.compression = args.compression or preset["compression"]
     args.topology = args.topology or preset["topology"]
     args.lr = args.lr or preset["lr"]
-    if args.local_size and args.topology != "hierarchical":
-        p.error(f"--local-size is for --topology hierarchical, not {args.topology}")
+    for given, flag in ((args.local_size, "--local-size"), (args.node_path, "--node-path")):
+        if given and args.topology != "hierarchical":
+            p.error(f"{flag} is for --topology hierarchical, not {args.topology}")
     if preset.get("optimizer") == "horovod":
         if args.topology != preset["topology"]:
             p.error(f"--topology {args.topology}: --method horovod is Horovod's own allreduce; "

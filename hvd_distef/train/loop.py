@@ -104,7 +104,8 @@ def build_optimizer(hvd, args: argparse.Namespace, model: torch.nn.Module) -> to
         compression = Compression.blocksign(block_size=args.block_size)
     return DistributedOptimizer(sgd, named_parameters=model.named_parameters(), compression=compression,
                                 topology=args.topology, overlap=args.overlap, bucket_cap_mb=args.bucket_cap_mb,
-                                error_decay=args.error_decay, local_size=args.local_size)
+                                error_decay=args.error_decay, local_size=args.local_size,
+                                node_path=args.node_path)
 
 
 class Traffic:

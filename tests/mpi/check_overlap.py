@@ -59,7 +59,7 @@ def _state(model, opt):
     parts = [flat(model.parameters())]
     parts += [distef[k] for k in ("momentum", "worker_error", "weight_decay_buffer") if distef[k] is not None]
     servers = [t["server_error"] for _, t in sorted(zip(opt.buckets, distef["topology"]), key=lambda bt: bt[0].start)
-               if "server_error" in t and opt.config()["topology"] not in ("sharded", "ring")]
+               if "server_error" in t and opt.config()["topology"] not in ("sharded", "ring", "hierarchical")]
     return parts + ([torch.cat(servers)] if servers else [])
 
 
