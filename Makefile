@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 
 SLURM_DIR ?= /tmp/hvd_distef_slurm
 
-.PHONY: install test demo experiments bench bench-record clean slurm-up slurm-down
+.PHONY: install test demo experiments bench bench-record plan plan-validation clean slurm-up slurm-down
 
 install:
 	@bash scripts/install.sh
@@ -28,6 +28,15 @@ bench: install
 # BENCHMARKS.md from the results files in benchmarks/results/ as they are
 bench-record: install
 	$(PY) benchmarks/record.py
+
+# the step-time model's table for ResNet-50 (measures forward/backward and the optimizer's passes here)
+PLAN_ARGS ?= --model resnet50 --ranks 8 64 512 1024 --ranks-per-node 8 --link 10gbit,25gbit,100gbit
+plan: install
+	$(PY) -m hvd_distef.plan $(PLAN_ARGS) --plot plan.png
+
+# the model against benchmarks/results/netem_*.json -> benchmarks/results/plan_validation.json
+plan-validation: install
+	flock /tmp/bench.lock $(PY) benchmarks/plan_validation.py --hierarchical-current
 
 slurm-up: install
 	bash launch/slurm/local_cluster.sh up $(SLURM_DIR)

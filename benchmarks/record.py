@@ -191,7 +191,7 @@ def netem_nodes(data: dict) -> str:
             rows.append([rate, f"{ranks // r['ranks_per_node']} x {r['ranks_per_node']}", f"{params / 1e6:g}M",
                          r["topology"], ms(r["step_time_median_s"]),
                          "" if base is None else f"{r['step_time_median_s'] / base['step_time_median_s']:.2f}x",
-                         f"{link:,.0f}", "" if flat_link is None else f"{link / flat_link:.2f}x"])
+                         f"{link:,.0f}", "" if not flat_link else f"{link / flat_link:.2f}x"])
     crowded = [c for c in res["clusters"] if c["oversubscribed"]]
     note = ("\n\n" + CROWDED.format(ranks=", ".join(sorted({str(c["ranks"]) for c in crowded})),
                                     cores=data["meta"]["cores"])) if crowded else ""

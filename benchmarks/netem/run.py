@@ -3,6 +3,7 @@ and fp16) against each topology of hvd_distef, with synthetic gradients.
 
     .venv/bin/python benchmarks/netem/run.py [--ranks 2 4 8] [--params 1e6 2.5e7] [--rates 1gbit 10gbit]
         [--ranks-per-node 2 --contenders horovod ps sharded hierarchical --name netem_nodes]
+        [--ranks-per-node all: one node, its ranks on shared memory alone]
 
 Every contender of one (rate, ranks, params) runs in the same job, in turn, launched alike (the same
 mpirun, binding and environment). Writes benchmarks/results/netem_step.json (``common.write_results``:
@@ -36,8 +37,8 @@ def main():
     ap.add_argument("--delay", help="one-way delay per link end, e.g. 0.1ms")
     ap.add_argument("--contenders", nargs="+", default=CONTENDERS)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--ranks-per-node", type=int, default=1,
-                    help="ranks sharing one node's link (shared memory inside a node)")
+    ap.add_argument("--ranks-per-node", default="1",
+                    help="ranks sharing one node's link (shared memory inside a node), or 'all': one node")
     ap.add_argument("--name", default=RESULTS_NAME, help="results file name (benchmarks/results/NAME.json)")
     args = ap.parse_args()
     lines = Path(tempfile.mkdtemp()) / "records.jsonl"
@@ -46,14 +47,15 @@ def main():
     try:
         for rate in args.rates:
             for ranks in args.ranks:
-                with EmulatedCluster(ranks, rate=rate, delay=args.delay, ranks_per_node=args.ranks_per_node) as cluster:
+                per_node = ranks if args.ranks_per_node == "all" else int(args.ranks_per_node)
+                with EmulatedCluster(ranks, rate=rate, delay=args.delay, ranks_per_node=per_node) as cluster:
                     clusters.append({"rate": rate, "rate_gbit": rate_bits(rate) / 1e9, "ranks": ranks,
-                                     "ranks_per_node": args.ranks_per_node, "cores": cores,
+                                     "ranks_per_node": per_node, "cores": cores,
                                      "oversubscribed": ranks > cores, "delay": args.delay})
                     for params in args.params:
                         job = [sys.executable, str(HERE / "bench_step.py"), "--params", str(params), "--topologies",
                                *args.contenders, "--steps", str(args.steps), "--rate", rate, "--out", str(lines),
-                               "--ranks-per-node", str(args.ranks_per_node)]
+                               "--ranks-per-node", str(per_node)]
                         proc = cluster.mpirun(job)
                         if proc.returncode:  # 8 ranks on 2 cores: a TCP connect has timed out once
                             print(f"job failed ({proc.returncode}), once more", flush=True)
