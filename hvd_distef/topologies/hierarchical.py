@@ -127,13 +127,11 @@ class Hierarchical(ShardPerRank):
         self.local.barrier("hierarchical: the node's d_i written")
         if self.slice is not None:
             start, stop = self.bounds[self.slice]
-            d = self.node_d
-            d.copy_(self.d_slots[0, start:stop])
-            for i in range(1, self.local_size):
-                d.add_(self.d_slots[i, start:stop].to(self.device))
+            d = self.node_slice_sum(start, stop)
             d.div_(self.local_size)  # d_n on this slice; then the node's worker error feedback and compression
             first = self.first_shard
-            shards = [Shard(s.start - start, s.stop - start, s.block_sizes) for s in self.shards[first:first + self.nodes]]
+            shards = [Shard(s.start - start, s.stop - start, s.block_sizes)
+                      for s in self.shards[first:first + self.nodes]]
             node = self.node_memory.step(self.node_compressor, d, window(segments, start, stop), shards,
                                          d_is_scratch=True)
             at, end = self.wire_bounds(self.slice)
@@ -144,6 +142,18 @@ class Hierarchical(ShardPerRank):
         self.count_node_bytes()
         return self.decode_shards(self.wire.split(self.nbytes))
 
+    def node_slice_sum(self, start: int, stop: int) -> torch.Tensor:
+        """Σ_i d_i over the node's ranks on [start, stop), added in local rank order, into ``node_d``."""
+        slots, d = self.d_slots[:, start:stop], self.node_d
+        if self.device.type != "cpu":
+            slots = slots.to(self.device)
+        if self.local_size == 1:
+            return d.copy_(slots[0])
+        torch.add(slots[0], slots[1], out=d)
+        for i in range(2, self.local_size):
+            d.add_(slots[i])
+        return d
+
     def count_node_bytes(self) -> None:
         """What this step moved through the node's shared memory (module docstring)."""
         L = self.local_size
@@ -151,8 +161,10 @@ class Hierarchical(ShardPerRank):
         wire = [end - at for at, end in map(self.wire_bounds, range(self.slices))]
         owned = [l == self.slice for l in range(self.slices)]
         self.local.count_shared(
-            sent=sum(b for b, o in zip(d_bytes, owned) if not o) + (L - 1) * sum(w for w, o in zip(wire, owned) if o),
-            received=(L - 1) * sum(b for b, o in zip(d_bytes, owned) if o) + sum(w for w, o in zip(wire, owned) if not o))
+            sent=(sum(b for b, o in zip(d_bytes, owned) if not o)
+                  + (L - 1) * sum(w for w, o in zip(wire, owned) if o)),
+            received=((L - 1) * sum(b for b, o in zip(d_bytes, owned) if o)
+                      + sum(w for w, o in zip(wire, owned) if not o)))
 
     def memories(self) -> List[Tuple[ErrorMemory, int]]:
         mine = [] if self.node_memory is None else [(self.node_memory, self.bounds[self.slice][0])]

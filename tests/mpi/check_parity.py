@@ -487,7 +487,7 @@ def fp16_on_the_wire_stays_finite():
 
 
 def ranks_that_disagree_raise_on_every_rank():
-    """nonfinite; a float64 model or a misspelt compressor on one rank only: every rank raises at
+    """nonfinite; a float64 model, a misspelt compressor or another node_path on one rank only: every rank raises at
     construction, naming the rank (no hang). Different lr may be built (broadcast_optimizer_state aligns
     them): check_patterns.options_are_aligned_by_broadcast_or_refused_at_the_step."""
     cases = {
@@ -495,6 +495,12 @@ def ranks_that_disagree_raise_on_every_rank():
         "float64": lambda m: (torch.optim.SGD((m.double() if RANK == 1 else m).parameters(), lr=0.1), {}),
         "compressor": lambda m: (torch.optim.SGD(m.parameters(), lr=0.1),
                                  {"compression": "blocksign" if RANK != 1 else "blocksing"}),
+        "node_path": lambda m: (torch.optim.SGD(m.parameters(), lr=0.1),
+                                {"topology": "hierarchical", "node_path": "leaders" if RANK != 1 else "slices"}),
+        "node_path misspelt": lambda m: (torch.optim.SGD(m.parameters(), lr=0.1),
+                                         {"topology": "hierarchical", "node_path": "slices" if RANK != 1 else "slice"}),
+        "node_path elsewhere": lambda m: (torch.optim.SGD(m.parameters(), lr=0.1),
+                                          {"topology": "sharded", "node_path": None if RANK != 1 else "leaders"}),
     }
     out = []
     for name, build in cases.items():
