@@ -410,7 +410,14 @@ SECTIONS = [
      "what crosses the nodes' links against flat `sharded`, and what does its step cost against the flat "
      "topologies and stock Horovod?",
      "netem_nodes", f"{PY} benchmarks/netem/run.py --ranks 4 8 --ranks-per-node 2 --params 1e6 2.5e7 --rates 1gbit "
-     "--contenders horovod horovod-fp16 ps sharded hierarchical --name netem_nodes", netem_nodes),
+     "--contenders horovod horovod-fp16 ps sharded hierarchical hierarchical-leaders --name netem_nodes", netem_nodes),
+    ("One node: shared memory alone",
+     "With every rank on one node (no network between them), what do `hierarchical`'s two data paths inside a node "
+     "cost against the flat topologies and stock Horovod, where no rank shares a core (2 ranks on 2 cores) and "
+     "where they do?",
+     "netem_one_node", f"{PY} benchmarks/netem/run.py --ranks 2 4 8 --ranks-per-node all --params 1e6 2.5e7 "
+     "--rates 1gbit --contenders horovod horovod-fp16 ps sharded hierarchical hierarchical-leaders "
+     "--name netem_one_node", netem_nodes),
     ("End to end to a target accuracy",
      "How long does real training take to reach the target accuracy, per method, against stock Horovod, with every "
      "method training from the same weights on the same batches, interleaved in one job?",

@@ -67,9 +67,19 @@ def test_sections_come_from_their_results_files(results):
                                                               ("ef-blocksgdm-ps-overlap", 120.0))]})
     write(results, "mpi_wait", {"payload_bytes": 1218, "iterations": 50,
                                 "rows": [{"horovod_cycle_ms": 1, "blocking_ms": 3.9, "polled_ms": 1.5, "none_ms": 1.4}]})
+    link = {"horovod": 8e6, "ps": 5e5, "sharded": 5e5, "hierarchical": 2.5e5, "hierarchical-leaders": 2.5e5}
+    write(results, "netem_nodes", {"clusters": [{"rate": "1gbit", "ranks": 4, "ranks_per_node": 2, "oversubscribed": True}],
+                                   "records": [{"topology": t, "rate": "1gbit", "ranks": 4, "ranks_per_node": 2,
+                                                "params": 1e6, "step_time_median_s": s,
+                                                "node_link_bytes_per_step": [[link[t] / 2] * 2, [link[t] / 4] * 2]}
+                                               for t, s in (("horovod", 0.04), ("ps", 0.01), ("sharded", 0.012),
+                                                            ("hierarchical", 0.008), ("hierarchical-leaders", 0.01))]})
     text = record.build()
-    assert "Not measured yet" in text and "step_paths.py" in text  # the one file left out
-    assert text.count("Results file `benchmarks/results/") == 7  # 8 sections, synthetic feeds two, one missing
+    assert "Not measured yet" in text and "step_paths.py" in text  # a file left out
+    assert text.count("Results file `benchmarks/results/") == 8  # synthetic feeds two sections
+    assert "| 1gbit | 2 x 2 | 1M | hierarchical | 8.0 ms | 0.20x | 250,000 | 0.50x |" in text
+    assert ("- 2 x 2, 1M: its step 0.80x the best flat topology's (`ps`), 0.50x flat `sharded`'s bytes on the "
+            "node's link; the leaders' path 1.25x the slices' step.") in text
     assert "commit `0123456789ab`; command `.venv/bin/python benchmarks/x.py`; environment: OMP_NUM_THREADS=1" in text
     assert "| 1e+06 | 1 | 10.0 | 8.0 | 53% | 20.0x | 5.0x |" in text
     assert "| 1 | 20.0 ms (19.0-30.0) | 30.0 ms | 1.50x | 1.20x | 0.50x | 0.90x |" in text
