@@ -77,12 +77,19 @@ def cpu_flags() -> List[str]:
     return sorted(f for f in set(flags) if f in ("avx2", "avx512f", "avx512bw", "avx512vl", "fma"))
 
 
+#: what a measurement runs: a change to these (tracked) makes a results file's commit ``+dirty``; docs and
+#: tests do not
+MEASURED_PATHS = ("hvd_distef", "cpp_ops", "benchmarks", "setup.py", ":(exclude)benchmarks/results")
+
+
 def commit() -> str:
-    """The commit of this checkout, with ``+dirty`` when tracked files differ from it."""
+    """The commit of this checkout, with ``+dirty (paths)`` when the tracked files a measurement runs
+    (``MEASURED_PATHS``) differ from it."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     head = git("rev-parse", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("diff", "HEAD", "--name-only", "--", *MEASURED_PATHS).split()
+    return head + (f"+dirty ({', '.join(changed)})" if changed else "")
 
 
 def meta(argv: Optional[Sequence[str]] = None) -> dict:
