@@ -36,7 +36,7 @@ def main():
     ap.add_argument("--rates", nargs="+", default=["1gbit", "10gbit"])
     ap.add_argument("--delay", help="one-way delay per link end, e.g. 0.1ms")
     ap.add_argument("--contenders", nargs="+", default=CONTENDERS)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=7, help="timed steps per contender (their median)")
     ap.add_argument("--ranks-per-node", default="1",
                     help="ranks sharing one node's link (shared memory inside a node), or 'all': one node")
     ap.add_argument("--name", default=RESULTS_NAME, help="results file name (benchmarks/results/NAME.json)")
