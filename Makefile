@@ -32,11 +32,11 @@ bench-record: install
 # the step-time model's table for ResNet-50 (measures forward/backward and the optimizer's passes here)
 PLAN_ARGS ?= --model resnet50 --ranks 8 64 512 1024 --ranks-per-node 8 --link 10gbit,25gbit,100gbit
 plan: install
-	$(PY) -m hvd_distef.plan $(PLAN_ARGS) --plot plan.png
+	$(PY) -m hvd_distef.plan $(PLAN_ARGS) --plot runs/plan.png
 
-# the model against benchmarks/results/netem_*.json -> benchmarks/results/plan_validation.json
+# the model against benchmarks/results/netem_{step,nodes,one_node}.json -> benchmarks/results/plan_validation.json
 plan-validation: install
-	flock /tmp/bench.lock $(PY) benchmarks/plan_validation.py --hierarchical-current
+	$(PY) benchmarks/plan_validation.py
 
 slurm-up: install
 	bash launch/slurm/local_cluster.sh up $(SLURM_DIR)
