@@ -70,7 +70,10 @@ def configurations(files: List[str]) -> List[dict]:
                 rows.append({"file": name, "contender": r["topology"], "ranks": r["ranks"],
                              "ranks_per_node": r.get("ranks_per_node") or 1, "params": r["params"],
                              "tensors": r["tensors"], "rate": r["rate"], "cores": cores,
-                             "measured_s": r["step_time_median_s"]})
+                             "measured_s": r["step_time_median_s"],
+                             # how much the timed steps themselves vary: (slowest − fastest) / median
+                             "spread_pct": 100 * (max(r["step_times_s"]) - min(r["step_times_s"]))
+                             / r["step_time_median_s"]})
     return rows
 
 
