@@ -63,7 +63,7 @@ def main():
     ap.add_argument("--params", type=float, required=True)
     ap.add_argument("--topologies", nargs="+", required=True, help=f"contenders: {', '.join(HOROVOD)} or topologies")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first is the slowest)")
     ap.add_argument("--rate", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--ranks-per-node", type=int, default=1, help="consecutive ranks sharing a node's link")

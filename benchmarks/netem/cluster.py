@@ -2,9 +2,10 @@
 that is connected to nothing else, each link limited with netem (rate and delay, both ends), and
 mpirun started inside the first namespace. A node holds ``ranks_per_node`` ranks (consecutive ranks),
 which talk over shared memory (Open MPI's vader) as on one host; nodes talk over TCP only, through the
-shaped links. Rank i runs on core i mod (the cores this process may use), as on a cluster where each
-rank has cores of its own: each namespace is a host to Open MPI, whose default binding would put every
-rank of a node on one core.
+shaped links. Each rank is bound to a core of its own where there are enough, as on a cluster where
+each rank has cores of its own (``core_of``: node plus local rank, modulo the cores this process may
+use, so that the nodes' local ranks 0 spread over the cores); each namespace is a host to Open MPI,
+whose default binding would put every rank of a node on one core.
 
 Needs root (it refuses with a clear message otherwise) and always cleans up: namespaces, bridge,
 its hosts-file lines, also after an error or Ctrl-C.
@@ -114,11 +115,29 @@ class EmulatedCluster:
         self.down()
         raise KeyboardInterrupt(f"signal {signum}")
 
+    def core_of(self, rank: int) -> int:
+        """Which of the usable cores (by index, modulo their number) ``rank`` is bound to: its node plus its
+        local rank, so that the nodes' local ranks 0 (``hierarchical``'s leaders, the ``ps`` server's node)
+        do not all share one core."""
+        return rank // self.ranks_per_node + rank % self.ranks_per_node
+
+    @property
+    def burst_bytes(self) -> int:
+        """The token bucket's burst: 10 ms of traffic (a burst leaves at the veth's speed: smaller messages
+        than this are not held to ``rate``)."""
+        return max(32_000, int(rate_bits(self.rate) / 8 / 100))
+
+    def settings(self) -> dict:
+        """How the cluster is made and launched, for the results file."""
+        return {"ranks_per_node": self.ranks_per_node, "rate": self.rate, "delay": self.delay,
+                "burst_bytes": self.burst_bytes, "binding": "rank -> core (node + local rank) mod cores",
+                "btl": "tcp,vader,self" if self.ranks_per_node > 1 else "tcp,self",
+                "vader_single_copy": "none", "mpi_yield_when_idle": 1}
+
     def _shape(self, dev: str, ns: Optional[str] = None) -> None:
-        """A token bucket at ``rate`` (burst: 10 ms of traffic), and netem's delay under it if asked."""
-        burst = max(32_000, int(rate_bits(self.rate) / 8 / 100))
+        """A token bucket at ``rate`` (``burst_bytes``), and netem's delay under it if asked."""
         _ip("tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", "tbf", "rate", self.rate,
-            "burst", str(burst), "latency", "100ms", ns=ns)
+            "burst", str(self.burst_bytes), "latency", "100ms", ns=ns)
         if self.delay:
             _ip("tc", "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "netem", "delay", self.delay,
                 ns=ns)
@@ -145,7 +164,7 @@ class EmulatedCluster:
         (self.tmp / "hostfile").write_text("".join(f"{ns} slots={self.ranks_per_node}\n" for ns in self.names))
         cores = sorted(os.sched_getaffinity(0))
         (self.tmp / "rankfile").write_text("".join(
-            f"rank {i}={self.names[i // self.ranks_per_node]} slot={cores[i % len(cores)]}\n"
+            f"rank {i}={self.names[i // self.ranks_per_node]} slot={cores[self.core_of(i) % len(cores)]}\n"
             for i in range(self.ranks)))
         agent = self.tmp / "agent.sh"
         # each namespace a host of its own name (a UTS namespace too): processes that share a host name

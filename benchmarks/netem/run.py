@@ -49,8 +49,8 @@ def main():
             for ranks in args.ranks:
                 per_node = ranks if args.ranks_per_node == "all" else int(args.ranks_per_node)
                 with EmulatedCluster(ranks, rate=rate, delay=args.delay, ranks_per_node=per_node) as cluster:
-                    clusters.append({"rate": rate, "rate_gbit": rate_bits(rate) / 1e9, "ranks": ranks,
-                                     "ranks_per_node": per_node, "cores": cores,
+                    clusters.append({**cluster.settings(), "rate_gbit": rate_bits(rate) / 1e9, "ranks": ranks,
+                                     "cores": cores,
                                      "oversubscribed": ranks > cores, "delay": args.delay})
                     for params in args.params:
                         job = [sys.executable, str(HERE / "bench_step.py"), "--params", str(params), "--topologies",
