@@ -283,13 +283,15 @@ def e2e(data: dict) -> str:
                          f"{ttt / base_ttt:.2f}x" if ttt is not None and base_ttt else "",
                          f"{100 * r['final_accuracy']:.1f}%", bytes_cell(r["busiest_bytes_per_step"], r["bytes_source"]),
                          f"{base['busiest_bytes_per_step'] / r['busiest_bytes_per_step']:.1f}x"])
-        plot = f"e2e_{c['rate']}_M{c['ranks']}.png"
+        per_node = c.get("ranks_per_node", 1)
+        nodes = f" ({c['ranks'] // per_node} nodes x {per_node})" if per_node > 1 else ""
+        plot = f"e2e_{c['rate']}_M{c['ranks']}{f'_L{per_node}' if per_node > 1 else ''}.png"
         _lines({r["label"]: [(0, 10)] + [(p["train_time_s"], 100 * p["test_accuracy"]) for p in r["curve"]]
                 for r in mine}, "training time (s, sum of slowest-rank steps)", "test accuracy (%)",
-               f"{mine[0]['model']} on {mine[0]['data']}, M = {c['ranks']}, {c['rate']} links", RESULTS / plot,
+               f"{mine[0]['model']} on {mine[0]['data']}, M = {c['ranks']}{nodes}, {c['rate']} links", RESULTS / plot,
                hline=100 * target)
         note = ("\n\n" + CROWDED.format(ranks=c["ranks"], cores=c["cores"])) if c["oversubscribed"] else ""
-        parts.append(f"**{c['rate']} links, M = {c['ranks']}**\n\n" + table(
+        parts.append(f"**{c['rate']} links, M = {c['ranks']}{nodes}**\n\n" + table(
             ["method", "median step", "vs horovod", f"time to {100 * target:g}%", "vs horovod", "final accuracy",
              "sent+received/step, busiest rank", "busiest rank's bytes cut vs horovod"], rows) + note + f"\n\n![{plot}](benchmarks/results/{plot})")
     head = (f"Flags of every method: `{res['train_args']}`, {res['epochs']} epochs; methods: "
@@ -423,6 +425,11 @@ SECTIONS = [
      "How long does real training take to reach the target accuracy, per method, against stock Horovod, with every "
      "method training from the same weights on the same batches, interleaved in one job?",
      "e2e", f"{PY} benchmarks/netem/run_train.py", e2e),
+    ("End to end on nodes",
+     "With nodes of two ranks (shared memory inside, the shaped link between nodes), how long does the same "
+     "training take per method, `hierarchical` beside flat `sharded` and stock Horovod?",
+     "e2e_nodes", f"{PY} benchmarks/netem/run_train.py --clusters 1gbit:4:2 --methods horovod horovod-fp16 "
+     "ef-blocksgdm-sharded ef-blocksgdm-hierarchical --name e2e_nodes", e2e),
     ("Horovod's synthetic benchmark as ported",
      "What does a user get who takes Horovod's own pytorch_synthetic_benchmark.py and swaps only the optimizer "
      "class (keeping `hvd.Compression.none`), or also picks blocksign, against stock Horovod?",

@@ -1,6 +1,8 @@
 """End to end: real training against stock Horovod on emulated cluster links (root; see cluster.py).
 
     .venv/bin/python benchmarks/netem/run_train.py [--clusters 1gbit:2 1gbit:4] [--epochs 8]
+    .venv/bin/python benchmarks/netem/run_train.py --clusters 1gbit:4:2 --methods horovod horovod-fp16 \
+        ef-blocksgdm-sharded ef-blocksgdm-hierarchical --name e2e_nodes    # nodes of 2 ranks
 
 bench_train.py trains every method of METHODS interleaved in one job per (rate, ranks), each from the same
 initial weights on the same batches, launched alike (the same mpirun, binding and environment: Horovod's
@@ -34,7 +36,10 @@ METHODS = {
     "ef-blocksgdm-sharded": ["--method", "ef-blocksgdm", "--topology", "sharded"],
     "ef-blocksgdm-ps-overlap": ["--method", "ef-blocksgdm", "--topology", "ps", "--overlap"],
     "signum": ["--method", "signum"],
+    "ef-blocksgdm-hierarchical": ["--method", "ef-blocksgdm", "--topology", "hierarchical"],
 }
+#: the methods of a run that names none (``hierarchical`` needs nodes of several ranks to differ from sharded)
+DEFAULT_METHODS = [label for label in METHODS if label != "ef-blocksgdm-hierarchical"]
 #: what mpirun prints when its --timeout ends a job (not tried again: it would run out of time again)
 JOB_TIMED_OUT = "time limit for job execution has been reached"
 RESULTS_NAME = "e2e"
@@ -52,7 +57,10 @@ def run_checked(run, argv, what) -> subprocess.CompletedProcess:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--clusters", nargs="+", default=["1gbit:2", "1gbit:4"], help="RATE:RANKS of the training jobs")
+    ap.add_argument("--clusters", nargs="+", default=["1gbit:2", "1gbit:4"],
+                    help="RATE:RANKS[:RANKS_PER_NODE] of the training jobs (default: a rank a node)")
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS,
+                    help="the methods to train (the first must be horovod: the baseline of the ratios)")
     ap.add_argument("--overlap-bucket-cap-mb", type=float, default=10.0,
                     help="bucket_cap_mb of the overlapped contender (the best measured on ResNet-18 at 100 Mbit/s)")
     ap.add_argument("--epochs", type=int, default=8)
@@ -64,8 +72,10 @@ def main():
                     help="seconds a training job may run (8 epochs at 100 Mbit/s, M = 4: over 30 minutes here)")
     ap.add_argument("--name", default=RESULTS_NAME, help="results file name (benchmarks/results/NAME.json)")
     args = ap.parse_args()
-    methods = {label: [*flags, "--bucket-cap-mb", str(args.overlap_bucket_cap_mb)] if "--overlap" in flags else flags
-               for label, flags in METHODS.items()}
+    if args.methods[0] != "horovod":
+        ap.error("--methods: the first must be horovod (the baseline of the ratios)")
+    methods = {label: [*METHODS[label], "--bucket-cap-mb", str(args.overlap_bucket_cap_mb)]
+               if "--overlap" in METHODS[label] else METHODS[label] for label in args.methods}
     lines = Path(tempfile.mkdtemp()) / "records.jsonl"
     train_job = [sys.executable, str(HERE / "bench_train.py"), "--methods", json.dumps(methods), "--epochs",
                  str(args.epochs), "--out", str(lines)]
@@ -73,9 +83,9 @@ def main():
     clusters, failure = [], None
     try:
         for spec in args.clusters:
-            rate, ranks = spec.split(":")
-            with EmulatedCluster(int(ranks), rate=rate) as cluster:
-                clusters.append({"rate": rate, "rate_gbit": rate_bits(rate) / 1e9, "ranks": int(ranks),
+            rate, ranks, per_node = (spec.split(":") + ["1"])[:3]
+            with EmulatedCluster(int(ranks), rate=rate, ranks_per_node=int(per_node)) as cluster:
+                clusters.append({**cluster.settings(), "rate_gbit": rate_bits(rate) / 1e9, "ranks": int(ranks),
                                  "cores": cores, "oversubscribed": int(ranks) > cores})
                 proc = run_checked(lambda argv: cluster.mpirun(argv, timeout=args.job_timeout_s),
                                    [*train_job, "--rate", rate, "--", *args.train_args.split()], f"training {spec}")
