@@ -38,6 +38,8 @@ from hvd_distef.plan.cli import parse_rate  # noqa: E402
 
 VALIDATED = ("horovod", "horovod-fp16", "ps", "sharded", "hierarchical")
 TARGET = 0.25
+#: rounds of the device calibration per parameter count (the one with the faster optimizer step is kept)
+CALIBRATIONS = 3
 #: the fit's grid: per-message latency (s) and network stack speed (GB/s), log-spaced
 ALPHAS = [10e-6 * 2 ** (i / 2) for i in range(13)]
 TRANSPORTS = [0.25 * 2 ** (i / 4) for i in range(21)]
@@ -142,9 +144,12 @@ def main() -> int:
     import torch
     torch.set_num_threads(1)
     devices = {}
-    for params in sorted({r["params"] for r in rows}):
-        print(f"calibrating the device at {params:,} parameters", flush=True)
-        devices[params] = measure_device(layer_sizes(params), cores=1)
+    for attempt in range(CALIBRATIONS):  # interference only slows a measurement: the faster round is kept
+        for params in sorted({r["params"] for r in rows}):
+            print(f"calibrating the device at {params:,} parameters ({attempt + 1} of {CALIBRATIONS})", flush=True)
+            device = measure_device(layer_sizes(params), cores=1)
+            if params not in devices or device.worker_update_ns < devices[params].worker_update_ns:
+                devices[params] = device
     loopback = loopback_link()
     training = [r for r in rows if r["params"] == int(args.fit_on)]
     alpha, transport = fit(training, devices)
