@@ -36,6 +36,12 @@ LINK_BOUND = ("Where a link is slow the step is bound by its bytes: a ratio far 
 #: what the 10 Gbit/s emulated links are on 2 shared cores
 TCP_BOUND = ("At 10 Gbit/s the emulated link is not the bottleneck on this machine: the TCP stack of 2 shared "
              "cores moves a few Gbit/s, so these rows measure the CPU's network path as much as the link.")
+#: what the shaper lets through at the veth's speed
+BURST = ("The shaper's token bucket lets a burst of {burst} pass at the veth's speed: a message smaller than that "
+         "(the compressed payloads at 1M parameters) is not held to the link's rate, so at 1M the steps measure "
+         "CPU and synchronization more than bytes. Only `opt.step()` is timed, with gradients set by hand: no "
+         "forward or backward to hide an exchange behind (stock Horovod's overlap with backward, and ours with "
+         "`overlap=True`, are measured end to end below).")
 
 
 def table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -169,6 +175,9 @@ def netem_step(data: dict) -> str:
         crowded = sorted({r["ranks"] for r in mine if clusters.get((rate, r["ranks"]), {}).get("oversubscribed")})
         note = "\n\n" + CROWDED.format(ranks=", ".join(map(str, crowded)), cores=data["meta"]["cores"]) if crowded else ""
         note += "\n\n" + (TCP_BOUND if _rate(rate) >= 1e10 else LINK_BOUND)
+        burst = next((c["burst_bytes"] for (r, _), c in clusters.items() if r == rate and "burst_bytes" in c), None)
+        if burst:
+            note += "\n\n" + BURST.format(burst=f"{burst:,} bytes")
         parts.append(f"**{rate} links, {params / 1e6:g}M parameters**\n\n" + table(
             ["ranks", "contender", "compression", "step (median, slowest rank)", "vs horovod",
              "sent+received/step, busiest rank", "busiest rank's bytes cut vs horovod"], rows)
@@ -195,8 +204,16 @@ def netem_nodes(data: dict) -> str:
     crowded = [c for c in res["clusters"] if c["oversubscribed"]]
     note = ("\n\n" + CROWDED.format(ranks=", ".join(sorted({str(c["ranks"]) for c in crowded})),
                                     cores=data["meta"]["cores"])) if crowded else ""
-    return ("Nodes of consecutive ranks (one network namespace each; shared memory inside, the shaped link "
-            "between nodes); `hierarchical` with `local_size` = ranks per node. The link's bytes are the node "
+    one_node = all(c.get("ranks_per_node") == c["ranks"] for c in res["clusters"])
+    where = ("Every rank on one node (one network namespace): no link is crossed, the \"link\" column names "
+             "the unused link's rate, and every contender's messages go through shared memory. " if one_node else
+             "Nodes of consecutive ranks (one network namespace each; shared memory inside, the shaped link "
+             "between nodes). ")
+    burst = next((c["burst_bytes"] for c in res["clusters"] if "burst_bytes" in c), None)
+    if burst and not one_node:
+        note += "\n\n" + BURST.format(burst=f"{burst:,} bytes")
+    return (where + "`hierarchical` with `local_size` = ranks per node; `hierarchical-leaders` is its "
+            "`node_path=\"leaders\"`. The link's bytes are the node "
             "interface's counters over the timed steps, sent + received, busiest node: TCP/IP headers, MPI's and "
             "Horovod's control messages and the timing collectives included.\n\n"
             + table(["link", "nodes x ranks", "parameters", "contender", "step (median, slowest rank)",

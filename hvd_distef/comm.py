@@ -377,6 +377,7 @@ class Comm:
         self.size = self.mpi.Get_size()
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.shared_sent = self.shared_received = 0  # ``count_shared``: through memory, not MPI
         self.staging = Staging(cuda_aware_mpi(MPI))
         self.serial, self._names = PROCESS.next_serial(), 0
         self._parent: Optional["Comm"] = None  # ``split``: the Comm whose bytes this one's count toward too
@@ -393,7 +394,7 @@ class Comm:
         collectives beside the script's other collectives (``MPIProcess``)."""
         other = copy.copy(self)
         other.mpi = PROCESS.idup(self.mpi, self.complete)
-        other.bytes_sent = other.bytes_received = 0
+        other.bytes_sent = other.bytes_received = other.shared_sent = other.shared_received = 0
         other.serial, other._names = PROCESS.next_serial(), 0
         other.staging = Staging(self.staging.cuda_aware)
         other._parent = None
@@ -410,7 +411,7 @@ class Comm:
             return None
         other = copy.copy(self)
         other.mpi, other.rank, other.size, other.stalls = mpi, mpi.Get_rank(), mpi.Get_size(), None
-        other.bytes_sent = other.bytes_received = 0
+        other.bytes_sent = other.bytes_received = other.shared_sent = other.shared_received = 0
         other.serial, other._names = serial, 0
         other.staging = Staging(self.staging.cuda_aware)
         other._parent = self
@@ -486,9 +487,13 @@ class Comm:
             self._parent._count(sent, received)
 
     def count_shared(self, sent: int, received: int) -> None:
-        """Count bytes moved through memory shared with this communicator's ranks, not through MPI: what this
-        rank wrote that the others read (sent), and what it read of theirs (received)."""
-        self._count(sent, received)
+        """Count bytes moved through memory shared with this communicator's ranks, not through MPI (apart from
+        ``bytes_sent``/``bytes_received``, which are the network's where ranks are on several hosts): what
+        this rank wrote that the others read (sent), and what it read of theirs (received)."""
+        self.shared_sent += sent
+        self.shared_received += received
+        if self._parent is not None:
+            self._parent.count_shared(sent, received)
 
     def barrier(self, what: str) -> None:
         """Every rank of this communicator has arrived (MPI_Ibarrier, polled): what each wrote before it into

@@ -291,7 +291,8 @@ class DistributedOptimizer(torch.optim.SGD):
     # --- statistics and state --------------------------------------------------------------------------
     def comm_stats(self) -> dict:
         """Bytes this rank sent and received and their ``bytes_source`` (measured at the MPI boundary, or SPEC §3's
-        ring formula), steps (skipped; redone under overlap), seconds compressing and exchanging (``stats``)."""
+        ring formula), bytes it shared with its node's ranks through memory (``hierarchical``), steps (skipped;
+        redone under overlap), seconds compressing and exchanging (``stats``)."""
         return self.stats.comm_stats(self.comm, get_topology(self._topology_name).bytes_source)
 
     def partial_sum_density(self) -> dict:

@@ -32,6 +32,7 @@ class Statistics:
         """The public ``comm_stats()`` dict: ``comm``'s byte counters, where they come from, the
         counters and the seconds (see ``DistributedOptimizer.comm_stats``)."""
         return {"bytes_sent": comm.bytes_sent, "bytes_received": comm.bytes_received, "bytes_source": bytes_source,
+                "shared_memory_bytes_sent": comm.shared_sent, "shared_memory_bytes_received": comm.shared_received,
                 "steps": self.steps, "skipped_steps": self.skipped_steps, "redone_steps": self.redone_steps,
                 "compress_time_s": self.seconds["compress"], "exchange_time_s": self.seconds["exchange"]}
 

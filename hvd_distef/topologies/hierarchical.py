@@ -22,8 +22,9 @@ Both send across the network one payload of the whole vector per node, not one p
 talks to more than N − 1 peers: what the network carries scales with nodes. BENCHMARKS.md ("Nodes") has
 the two measured against each other and against the flat topologies.
 
-Bytes per step: across nodes, each slice's ``sharded`` bytes over N ranks (s_j = payload bytes of shard
-j). Inside the node, through shared memory, counted as the bytes they stand for: rank r sends the slices
+Bytes per step (``comm_stats()``): through MPI (``bytes_sent``/``bytes_received``), each slice's
+``sharded`` bytes over N ranks (s_j = payload bytes of shard j). Inside the node, through shared memory
+(``shared_memory_bytes_sent``/``_received``), counted as the bytes they stand for: rank r sends the slices
 of its d_i that other ranks sum (4 bytes an element) and the Δ̃ wire bytes of the slices it owns to each
 of the L − 1 others, and receives the converse.
 

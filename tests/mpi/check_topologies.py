@@ -354,9 +354,9 @@ def hierarchical_one_rank_a_node_equals_sharded():
 
 def comm_stats_hierarchical():
     """Local rank l of each node owns slice l (``slices``; ``leaders``: local rank 0 owns the one slice), and
-    slice k is cut into N shards, one a node. Across nodes: sharded's bytes over the N owners of a slice.
-    Inside the node, through shared memory: a rank's d_i (4 bytes an element) is read by the owner of each
-    slice, and each owner's Δ̃ bytes by the L − 1 other ranks."""
+    slice k is cut into N shards, one a node. Through MPI: sharded's bytes over the N owners of a slice.
+    Inside the node, through shared memory (counted apart): a rank's d_i (4 bytes an element) is read by the
+    owner of each slice, and each owner's Δ̃ bytes by the L − 1 other ranks."""
     out = []
     for local in _local_sizes():
         for path in NODE_PATHS:
@@ -368,14 +368,17 @@ def comm_stats_hierarchical():
             d_bytes = [4 * sum(sh.numel for sh in shards[k * nodes:(k + 1) * nodes]) for k in range(slices)]
             wire = [sum(s[k * nodes:(k + 1) * nodes]) for k in range(slices)]
             mine, node = RANK % local, RANK // local
-            if mine >= slices:  # owns no slice: sends its d_i, receives Δ̃
-                out.append(_check(stats, T, sum(d_bytes), sum(wire)))
+            shared = {"bytes_sent": stats["shared_memory_bytes_sent"],
+                      "bytes_received": stats["shared_memory_bytes_received"]}
+            if mine >= slices:  # owns no slice: shares its d_i, reads Δ̃; nothing through MPI
+                out.append(_check(stats, T, 0, 0) + " MPI, " + _check(shared, T, sum(d_bytes), sum(wire)) + " shared")
                 continue
             own = s[mine * nodes + node]
             across = sum(s[mine * nodes:(mine + 1) * nodes]) - own + (nodes - 1) * own
             inside_sent = sum(d_bytes) - d_bytes[mine] + (local - 1) * wire[mine]
             inside_received = (local - 1) * d_bytes[mine] + sum(wire) - wire[mine]
-            out.append(_check(stats, T, across + inside_sent, across + inside_received))
+            out.append(_check(stats, T, across, across) + " MPI, "
+                       + _check(shared, T, inside_sent, inside_received) + " shared")
     return "; ".join(out)
 
 
