@@ -130,15 +130,18 @@ def hyperparameters(groups: List[dict]) -> list:
 
 
 def config(opt) -> dict:
-    """The structure every rank must share and a checkpoint must match."""
+    """The structure every rank must share and a checkpoint must match: once the topology is built, with the
+    values its options resolved to (``hierarchical``'s node size and data path), not the arguments as given."""
     layout = opt._layout
+    built = opt.buckets[0].topology if getattr(opt, "buckets", None) else None
     shapes = [(n, tuple(p.shape)) for n, p in zip(layout.names, layout.params)]
     return {
         "world_size": opt.comm.size,
         "compression": opt.compressor.name, "compression_options": opt.compressor.config(),
         "topology": opt._topology_name, "backward_passes_per_step": opt.backward_passes_per_step,
         "overlap": opt.overlap, "bucket_cap_mb": opt.bucket_cap_mb, "error_decay": opt.error_decay,
-        "local_size": opt.local_size, "node_path": opt.node_path,
+        "local_size": getattr(built, "local_size", opt.local_size),
+        "node_path": getattr(built, "node_path", opt.node_path),
         "parameters": hashlib.sha1(json.dumps(shapes).encode()).hexdigest(),
         "numel": opt.numel, "num_params": len(layout.params),
         "group_sizes": [len(ps) for ps in layout.group_params],

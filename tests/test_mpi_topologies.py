@@ -10,7 +10,7 @@ CASES = ["sharded_equals_ps", "ps_none_equals_torch_sgd", "tree_none_equals_ps",
          "comm_stats_majority_vote", "sharded_bytes_near_spec_formula", "scalars_go_raw",
          "partial_sum_density_by_hop", "hierarchical_matches_node_worker_simulation",
          "hierarchical_one_rank_a_node_equals_sharded", "comm_stats_hierarchical", "hierarchical_none_equals_ps",
-         "hierarchical_every_compressor"]
+         "hierarchical_every_compressor", "hierarchical_checkpoint_takes_options_as_resolved"]
 
 
 results = cases_fixture("check_topologies.py", ranks=(2, 3, 4))

@@ -9,7 +9,7 @@ import pytest
 
 from hvd_distef.plan import costs, model
 from hvd_distef.plan.cli import main as plan_main, parse_rate
-from hvd_distef.plan.device import EPYC_CORE, DeviceProfile
+from hvd_distef.plan.device import EPYC_CORE, DeviceProfile, load_profile
 
 A, B = 30e-6, 1.25e9  # 30 us, 10 Gbit/s in bytes/s
 
@@ -121,8 +121,31 @@ def test_cli_prints_every_method_and_the_crossover(capsys, tmp_path):
     (["--model", "resnet5000"], "unknown model"),
     (["--link", "10gigabit"], "--link"),
     (["--ranks", "12", "--ranks-per-node", "8"], "multiple of --ranks-per-node"),
-    (["--params", "1000"], "--params needs --compute-ms")])
+    (["--params", "1000"], "--params needs --compute-ms"),
+    (["--ranks-per-node", "0"], "--ranks-per-node must be at least 1"),
+    (["--tensors", "0", "--params", "100"], "--tensors must be at least 1"),
+    (["--compute-ms", "-5"], "--compute-ms must be at least 0"),
+    (["--latency-us", "-1"], "--latency-us must be at least 0"),
+    (["--backward-share", "2"], "--backward-share must lie in [0, 1]"),
+    (["--measure-link"], "--measure-link needs two ranks")])
 def test_cli_bad_input_says_why(argv, message, capsys):
     with pytest.raises(SystemExit):
-        plan_main([*argv, *GIVENS] if "--params" not in argv else argv + ["--device-profile", "epyc-core"])
+        plan_main([*GIVENS, *argv] if "--params" not in argv else argv + ["--device-profile", "epyc-core"])
     assert message in capsys.readouterr().err
+
+
+def test_a_tie_does_not_pay():
+    """With an exchange hidden behind backward on every side, all methods take the compute alone: compression
+    does not pay (a tie), and the crossover is where stock Horovod catches up, not "pays everywhere"."""
+    setup = model.Setup(numel=1_000_000, blocks=20, ranks=16, local=8, alpha=A, bandwidth=B, device=EPYC_CORE,
+                        compute_s=10.0, overlap=True)
+    assert not model.pays(setup, "horovod")
+    assert model.pays(model.Setup(**{**setup.__dict__, "bandwidth": 1e6 / 8, "compute_s": 0.0}), "horovod")
+    assert model.crossover(setup, "horovod") is not None
+
+
+def test_a_profile_missing_fields_says_which(tmp_path):
+    path = tmp_path / "gpu.json"
+    path.write_text('{"name": "x", "worker_update_ns": 1}')
+    with pytest.raises(ValueError, match="missing keys"):
+        load_profile(str(path))

@@ -89,8 +89,15 @@ def validate(args, ap) -> List[float]:
         ap.error(str(exc))
     if not links:
         ap.error("--link: give at least one rate, e.g. 10gbit")
+    for name, value, low in (("--ranks-per-node", args.ranks_per_node, 1), ("--tensors", args.tensors, 1),
+                             ("--params", args.params, 1), ("--compute-ms", args.compute_ms, 0),
+                             ("--latency-us", args.latency_us, 0), ("--cores", args.cores, 1)):
+        if value is not None and value < low:
+            ap.error(f"{name} must be at least {low}, got {value}")
+    if not 0 <= args.backward_share <= 1:
+        ap.error(f"--backward-share must lie in [0, 1], got {args.backward_share}")
     bad = [m for m in args.ranks if m < 1 or m % args.ranks_per_node]
-    if args.ranks_per_node < 1 or bad:
+    if bad:
         ap.error(f"--ranks {bad}: every rank count must be a positive multiple of --ranks-per-node "
                  f"{args.ranks_per_node}")
     if args.params is not None and args.compute_ms is None:
@@ -152,9 +159,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     rank = launched_rank()
     measured_link = None
     if args.measure_link:
-        if rank is None:
-            ap.error("--measure-link needs two ranks: mpirun -np 2 python -m hvd_distef.plan --measure-link ...")
         from mpi4py import MPI
+        if rank is None or MPI.COMM_WORLD.Get_size() < 2:
+            ap.error("--measure-link needs two ranks: mpirun -np 2 python -m hvd_distef.plan --measure-link ...")
         from .pingpong import measure_link
         measured_link = measure_link(MPI.COMM_WORLD)
     if rank:
@@ -173,6 +180,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                  if isinstance(v, (int, float))))
     if args.transport_gbs is None:
         say("transport: the NIC moves the bytes (no CPU cost per byte; --transport-gbs for TCP)")
+    if measured_link:
+        say("link: measured between ranks 0 and 1 (it replaces --link and --latency-us; place the two ranks on "
+            "two nodes to measure the network, not a host's shared memory)")
     series = {}
     for bw in ([measured_link.bandwidth_bytes_s] if measured_link else links):
         alpha = (measured_link.alpha_s if measured_link else
@@ -197,8 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for stock in (m for m in model.STOCK if m in args.methods):
                 compressed = [m for m in model.COMPRESSED if m in args.methods]
                 if compressed:
-                    slow = replace(setup, bandwidth=1e6 / 8)  # 1 Mbit/s: which side wins where links are slow
-                    wins_low = model.best(slow, compressed).total < model.predict(slow, stock).total
+                    wins_low = model.pays(replace(setup, bandwidth=1e6 / 8), stock, compressed)  # at 1 Mbit/s
                     say(report.crossover_line(ranks, stock, model.crossover(setup, stock, compressed), wins_low))
     say("\ncolumns: compute = forward + backward; cpu = the optimizer's passes (compression, server step, "
         "update); link MB = bytes on the busiest node link, busier way; wire = those bytes over the bandwidth; "

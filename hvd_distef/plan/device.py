@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 
@@ -60,6 +60,9 @@ class DeviceProfile:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"device profile: unknown keys {unknown}; expected some of {sorted(known)}")
+        missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in data)
+        if missing:
+            raise ValueError(f"device profile: missing keys {missing}")
         data = dict(data)
         if data.get("transport_gbs") is None:
             data["transport_gbs"] = math.inf

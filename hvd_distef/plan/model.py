@@ -221,23 +221,26 @@ def best(setup: Setup, methods) -> Breakdown:
     return min((predict(setup, m) for m in methods), key=lambda b: b.total)
 
 
+def pays(setup: Setup, stock: str, compressed=COMPRESSED) -> bool:
+    """Whether the best compressed method is strictly faster than ``stock`` in ``setup`` (a tie does not pay)."""
+    return best(setup, compressed).total < predict(setup, stock).total * (1 - 1e-9)
+
+
 def crossover(setup: Setup, stock: str, compressed=COMPRESSED, low: float = 1e6 / 8,
               high: float = 1e13 / 8, tol: float = 1e-4) -> Optional[float]:
-    """The link bandwidth (bytes/s) above which ``stock`` is at least as fast as the best compressed
-    method, by bisection on log(bandwidth) over [low, high]; None when one side wins over the whole range
-    (``crossover_side`` says which)."""
-    def gap(bw: float) -> float:
-        s = replace(setup, bandwidth=bw)
-        return best(s, compressed).total - predict(s, stock).total
-    if (gap(low) > 0) == (gap(high) > 0):
+    """The link bandwidth (bytes/s) above which compression stops paying against ``stock`` (``pays``), by
+    bisection on log(bandwidth) over [low, high]; None when the answer is the same over the whole range."""
+    def paying(bw: float) -> bool:
+        return pays(replace(setup, bandwidth=bw), stock, compressed)
+    if paying(low) == paying(high):
         return None
     lo, hi = math.log(low), math.log(high)
     while hi - lo > tol:
         mid = (lo + hi) / 2
-        if gap(math.exp(mid)) > 0:
-            hi = mid
-        else:
+        if paying(math.exp(mid)) == paying(low):
             lo = mid
+        else:
+            hi = mid
     return math.exp((lo + hi) / 2)
 
 

@@ -14,7 +14,10 @@ Data path (``node_path``):
   worker error feedback on it (its slice of e_n), and ``sharded`` runs among the N ranks that own slice l
   (one per node: slice l is cut into N shards, one server error each); their Allgatherv lands Δ̃'s slice
   in the node's shared memory, and after a second barrier every rank reads all of Δ̃. A node's compression,
-  server steps and cross-node traffic are spread over its L ranks: L streams, each 1/L of the node's bytes.
+  server steps and cross-node traffic are spread over its L ranks: L streams, each about 1/L of the node's
+  bytes. Slices and shards keep the compressor's blocks whole (as ``sharded``'s shards do): a model of
+  fewer blocks than L·N (blocksign's default is a block a tensor) leaves some ranks without a share; give
+  ``Compression.blocksign(block_size=...)`` to cut large tensors into blocks.
 - ``"leaders"``: one slice, owned by each node's local rank 0, which sums, compresses and exchanges the
   whole vector among the leaders while the other ranks wait.
 
@@ -78,12 +81,12 @@ class Hierarchical(ShardPerRank):
 
     def __init__(self, comm: Comm, compressor: Compressor, tensor_sizes, device="cpu", delta=None,
                  local_size: Optional[int] = None, node_path: Optional[str] = None):
-        node_path = NODE_PATHS[0] if node_path is None else node_path
-        if node_path not in NODE_PATHS:
+        self.node_path = NODE_PATHS[0] if node_path is None else node_path
+        if self.node_path not in NODE_PATHS:
             raise ValueError(f"node_path must be one of {NODE_PATHS}, got {node_path!r}")
         node, self.local_size = node_of(comm, local_size)
         self.nodes = comm.size // self.local_size
-        self.slices = self.local_size if node_path == "slices" else 1
+        self.slices = self.local_size if self.node_path == "slices" else 1
         self.local = comm.split(node, comm.rank)  # the ranks of this node, by local rank
         #: the slice this rank owns, or None
         self.slice = self.local.rank if self.local.rank < self.slices else None

@@ -352,6 +352,29 @@ def hierarchical_one_rank_a_node_equals_sharded():
     return "bitwise equal"
 
 
+def hierarchical_checkpoint_takes_options_as_resolved():
+    """A checkpoint records what the options resolved to (the node size found, the default data path), so
+    that spelling a default out, or leaving it out, loads alike; another data path is refused on every rank."""
+    model = make_model()
+    opt = wrap(model, sgd_two_groups(model), compression="blocksign", topology="hierarchical")
+    for t in range(2):
+        train_step(model, opt, RANK, t)
+    state = opt.state_dict()
+    assert state["distef"]["config"]["local_size"] == M and state["distef"]["config"]["node_path"] == "slices"
+    for given in ({"local_size": M, "node_path": "slices"}, {"local_size": M}):
+        other = make_model()
+        wrap(other, sgd_two_groups(other), compression="blocksign", topology="hierarchical",
+             **given).load_state_dict(state)
+    other = make_model()
+    try:
+        wrap(other, sgd_two_groups(other), compression="blocksign", topology="hierarchical",
+             node_path="leaders").load_state_dict(state)
+    except ValueError as exc:
+        assert "node_path: checkpoint 'slices', this run 'leaders'" in str(exc), exc
+        return str(exc)[:120]
+    raise AssertionError("a checkpoint of node_path='slices' loaded under 'leaders'")
+
+
 def comm_stats_hierarchical():
     """Local rank l of each node owns slice l (``slices``; ``leaders``: local rank 0 owns the one slice), and
     slice k is cut into N shards, one a node. Through MPI: sharded's bytes over the N owners of a slice.
@@ -385,6 +408,7 @@ def comm_stats_hierarchical():
 CASES = {f.__name__: f for f in [
     hierarchical_matches_node_worker_simulation, hierarchical_one_rank_a_node_equals_sharded,
     comm_stats_hierarchical, hierarchical_none_equals_ps, hierarchical_every_compressor,
+    hierarchical_checkpoint_takes_options_as_resolved,
     sharded_equals_ps, ps_none_equals_torch_sgd, tree_none_equals_ps, ring_none_equals_ps,
     majority_vote_matches_signum_simulation, allgather_matches_one_way_error_feedback,
     tree_descends_quadratic, ring_descends_quadratic, comm_stats_ps, comm_stats_sharded,
