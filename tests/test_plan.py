@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 
 import pytest
 
 from hvd_distef.plan import costs, model
 from hvd_distef.plan.cli import main as plan_main, parse_rate
-from hvd_distef.plan.device import EPYC_CORE, DeviceProfile, load_profile
+from hvd_distef.plan.device import EPYC_CORE, load_profile
 
 A, B = 30e-6, 1.25e9  # 30 us, 10 Gbit/s in bytes/s
 
@@ -78,16 +79,16 @@ def test_crossover_is_where_predictions_meet(stock):
                         compute_s=0.2)
     bw = model.crossover(setup, stock)
     assert bw is not None
-    at = model.Setup(**{**setup.__dict__, "bandwidth": bw})
+    at = replace(setup, bandwidth=bw)
     assert model.best(at, model.COMPRESSED).total == pytest.approx(model.predict(at, stock).total, rel=1e-3)
-    slower = model.Setup(**{**setup.__dict__, "bandwidth": bw / 2})
+    slower = replace(setup, bandwidth=bw / 2)
     assert model.best(slower, model.COMPRESSED).total < model.predict(slower, stock).total
 
 
 def test_crowding_multiplies_all_rank_passes_only():
-    dev = DeviceProfile(**{**EPYC_CORE.__dict__, "cores": 2})
+    dev = replace(EPYC_CORE, cores=2)
     alone = model.Setup(numel=1_000_000, blocks=20, ranks=8, local=1, alpha=A, bandwidth=B, device=dev)
-    crowded = model.Setup(**{**alone.__dict__, "ranks_per_machine": 8})
+    crowded = replace(alone, ranks_per_machine=8)
     assert model.predict(crowded, "sharded").cpu == pytest.approx(4 * model.predict(alone, "sharded").cpu)
 
 
@@ -140,7 +141,7 @@ def test_a_tie_does_not_pay():
     setup = model.Setup(numel=1_000_000, blocks=20, ranks=16, local=8, alpha=A, bandwidth=B, device=EPYC_CORE,
                         compute_s=10.0, overlap=True)
     assert not model.pays(setup, "horovod")
-    assert model.pays(model.Setup(**{**setup.__dict__, "bandwidth": 1e6 / 8, "compute_s": 0.0}), "horovod")
+    assert model.pays(replace(setup, bandwidth=1e6 / 8, compute_s=0.0), "horovod")
     assert model.crossover(setup, "horovod") is not None
 
 

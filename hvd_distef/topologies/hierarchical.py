@@ -100,6 +100,7 @@ class Hierarchical(ShardPerRank):
         #: where each slice lies in the fused buffer
         self.bounds = [(self.shards[l * self.nodes].start, self.shards[(l + 1) * self.nodes - 1].stop)
                        for l in range(self.slices)]
+        self.node_bytes = self.shared_bytes()
         self.node_memory: Optional[ErrorMemory] = None  # this rank's slice of e_n
         self.node_compressor = compressor.for_stream(comm.rank)
         if self.slice is not None:
@@ -143,7 +144,7 @@ class Hierarchical(ShardPerRank):
             if landed.data_ptr() != self.wire[at:].data_ptr():  # one node: its own bytes
                 self.wire[at:end].copy_(landed)
         self.local.barrier("hierarchical: Δ̃ written")
-        self.count_node_bytes()
+        self.local.count_shared(*self.node_bytes)
         return self.decode_shards(self.wire.split(self.nbytes))
 
     def node_slice_sum(self, start: int, stop: int) -> torch.Tensor:
@@ -158,17 +159,15 @@ class Hierarchical(ShardPerRank):
             d.add_(slots[i])
         return d
 
-    def count_node_bytes(self) -> None:
-        """What this step moved through the node's shared memory (module docstring)."""
+    def shared_bytes(self) -> Tuple[int, int]:
+        """(sent, received): what a step moves through the node's shared memory on this rank (module
+        docstring): the others' reads of its d_i and of its slice's Δ̃ bytes, its reads of theirs."""
         L = self.local_size
         d_bytes = [4 * (stop - start) for start, stop in self.bounds]
         wire = [end - at for at, end in map(self.wire_bounds, range(self.slices))]
-        owned = [l == self.slice for l in range(self.slices)]
-        self.local.count_shared(
-            sent=(sum(b for b, o in zip(d_bytes, owned) if not o)
-                  + (L - 1) * sum(w for w, o in zip(wire, owned) if o)),
-            received=((L - 1) * sum(b for b, o in zip(d_bytes, owned) if o)
-                      + sum(w for w, o in zip(wire, owned) if not o)))
+        mine_d = d_bytes[self.slice] if self.slice is not None else 0
+        mine_wire = wire[self.slice] if self.slice is not None else 0
+        return (sum(d_bytes) - mine_d + (L - 1) * mine_wire, (L - 1) * mine_d + sum(wire) - mine_wire)
 
     def memories(self) -> List[Tuple[ErrorMemory, int]]:
         mine = [] if self.node_memory is None else [(self.node_memory, self.bounds[self.slice][0])]
